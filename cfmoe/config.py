@@ -1,0 +1,135 @@
+"""The study's one frozen configuration, loaded from `params/<preset>.yaml` and validated.
+
+    from cfmoe.config import load_config
+    cfg = load_config("cpu", seed=0)      # or a path to your own YAML
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS_DIR = ROOT / "params"
+PRESETS = ("smoke", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the default base model (a transformers Qwen2-MoE: softmax top-k router + shared expert)."""
+
+    vocab_size: int = 8192
+    hidden_size: int = 128
+    num_layers: int = 6
+    dense_layers: int = 0  # leading decoder layers with a dense MLP (DeepSeek-MoE-16B has 1)
+    num_heads: int = 4
+    n_experts: int = 64  # DeepSeek-MoE-16B geometry: 64 routed, top-6, so k/E = 0.094
+    top_k: int = 6
+    expert_width: int = 96  # routed expert intermediate size
+    shared_width: int = 96  # shared expert intermediate size
+    dense_width: int = 384  # dense-layer MLP width
+    max_positions: int = 512
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pre-training of the base model with the transformers Trainer."""
+
+    block_size: int = 256
+    batch_size: int = 16
+    max_steps: int = 700
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    # Load-balancing weight: 0.01 left one expert at 7x the uniform share in a probe of this shape.
+    aux_loss_coef: float = 0.1
+    eval_every: int = 100
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    heldout_fraction: float = 0.02  # share of pre-training documents held out for validation loss
+    max_documents: int = 0  # 0 = the whole corpus; >0 caps it (smoke runs)
+    precision: str = "fp32"  # fp32 on CPU; bf16 on the GPU
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Teacher-forced evaluation on the WikiText-2 test split."""
+
+    max_test_tokens: int = 0  # 0 = the whole test split
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a notebook needs; frozen so a run cannot change its own inputs half-way."""
+
+    preset: str
+    seed: int = 0
+    threads: int = 2  # torch intra-op threads; pinned because CPU results depend on it
+    device: str = "cpu"
+    model_path: str = ""  # '' = the project's own base model; else a hub id or a local HF MoE checkpoint
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Build outputs (weights, traces) of this preset: git-ignored, rebuilt or cached."""
+        return Path(os.environ.get("CFMOE_ARTIFACTS", ROOT / "artifacts")) / self.preset
+
+    def results_dir(self, notebook: str) -> Path:
+        """results/<notebook>/ for the default cpu preset, results/<notebook>/<preset>/ otherwise."""
+        base = Path(os.environ.get("CFMOE_RESULTS", ROOT / "results")) / notebook
+        return base if self.preset == "cpu" else base / self.preset
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(cls, values: dict, where: str):
+    """Build dataclass `cls` from `values`, rejecting unknown keys and wrong types in one line."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__} {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        expected = hints[name]
+        if dataclasses.is_dataclass(expected):
+            kwargs[name] = _check(expected, value, f"{where}.{name}")
+            continue
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{where}.{name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def preset_path(preset: str) -> Path:
+    """The YAML of a named preset, or `preset` itself when it is a path to a YAML file."""
+    if preset in PRESETS:
+        return PARAMS_DIR / f"{preset}.yaml"
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    raise ValueError(f"unknown preset {preset!r}; valid presets are {list(PRESETS)} or a path to a .yaml file")
+
+
+def load_config(preset: str = "smoke", **overrides) -> StudyConfig:
+    """Load a preset and apply notebook parameters (`seed=`, `model_path=`, ...), validating all."""
+    path = preset_path(preset)
+    values = yaml.safe_load(path.read_text()) or {}
+    values = {**values, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = _check(StudyConfig, values, path.name)
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"{path.name}.device: {cfg.device!r} is not valid; use 'cpu' or 'cuda'")
+    return cfg

@@ -1,0 +1,44 @@
+"""Teacher-forced evaluation: perplexity on WikiText-2 test articles, packed into blocks.
+
+    from cfmoe.evaluate import test_blocks, perplexity
+    ppl = perplexity(lm, test_blocks(tok, block_size=256))["perplexity"]
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import data
+from .training import causal_lm_loss
+
+
+def test_blocks(tokenizer, block_size: int, max_tokens: int = 0, split: str = "test") -> dict[str, np.ndarray]:
+    """WikiText-2 articles (heading + body, EOS-separated) packed into blocks with document ids."""
+    articles = data.load_wikitext(split)
+    ids = tokenizer([data.document_text(t, x) for t, x in zip(articles["title"], articles["text"])],
+                    add_special_tokens=False)["input_ids"]
+    packed = data.pack_blocks(ids, block_size, tokenizer.eos_token_id)
+    if max_tokens > 0:
+        n = max(1, max_tokens // block_size)
+        packed = {k: v[:n] for k, v in packed.items()}
+    return packed
+
+
+@torch.no_grad()
+def perplexity(model, blocks: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, float]:
+    """Token-level perplexity (under the model's own tokenizer) over all next-token predictions."""
+    model.eval()
+    device = next(model.parameters()).device
+    input_ids = torch.as_tensor(blocks["input_ids"])
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(input_ids), batch_size):
+        batch = input_ids[start:start + batch_size].to(device)
+        logits = model(input_ids=batch).logits
+        n = batch[:, 1:].numel()
+        total_nll += float(causal_lm_loss(logits, batch)) * n
+        total_tokens += n
+    nll = total_nll / total_tokens
+    return {"nll": nll, "perplexity": math.exp(nll), "tokens": total_tokens}

@@ -1,0 +1,220 @@
+"""The default base model: a byte-level BPE tokenizer and a Qwen2-MoE shaped like DeepSeek-MoE-16B.
+
+    from cfmoe import model
+    lm, tok = model.load_model("artifacts/cpu/base_model")   # or any HF MoE checkpoint / hub id
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer,
+                          PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen2MoeForCausalLM, TrainerCallback,
+                          TrainingArguments)
+
+from . import data
+from .config import StudyConfig
+from .determinism import make_deterministic
+from .training import MoETrainer
+
+EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<unk>"
+BUILD_FILE = "cfmoe_build.json"
+
+
+def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained with `tokenizers` (single-threaded, so merges are reproducible)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # WikiText's <unk> placeholder becomes one special token, dropped when decoding.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD, UNK], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, model_max_length=1 << 30)
+
+
+def build_config(cfg: StudyConfig, tokenizer) -> Qwen2MoeConfig:
+    """A transformers-native MoE config: softmax top-k router, one shared expert, optional dense first layers."""
+    m = cfg.model
+    return Qwen2MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.dense_width,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
+        max_position_embeddings=m.max_positions, tie_word_embeddings=True,
+        num_experts=m.n_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_width,
+        shared_expert_intermediate_size=m.shared_width, norm_topk_prob=False, decoder_sparse_step=1,
+        mlp_only_layers=list(range(m.dense_layers)),
+        # the trainer adds a per-layer balance loss; the model's own pooled one stays off
+        router_aux_loss_coef=0.0, output_router_logits=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_fingerprint(cfg: StudyConfig) -> str:
+    """Hash of everything the base model depends on; a saved model with another hash is rebuilt."""
+    inputs = {"model": asdict(cfg.model), "pretrain": asdict(cfg.pretrain), "seed": cfg.seed,
+              "threads": cfg.threads, "device": cfg.device, "data": data.CHECKSUMS}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenize_documents(tokenizer, docs) -> list[list[int]]:
+    texts = [data.document_text(t, x) for t, x in zip(docs["title"], docs["text"])]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _blocks_dataset(token_ids, block_size, eos_id):
+    import datasets
+
+    packed = data.pack_blocks(token_ids, block_size, eos_id)
+    # labels are the inputs (the loss shifts them); present so that evaluation reports eval_loss
+    return datasets.Dataset.from_dict({**packed, "labels": packed["input_ids"]}).with_format("torch")
+
+
+def pretrain(cfg: StudyConfig, out_dir: str | Path) -> Path:
+    """Train the tokenizer and the base MoE from scratch on the pre-training corpus; save to `out_dir`."""
+    out_dir = Path(out_dir)
+    make_deterministic(cfg.seed, cfg.threads)
+    p = cfg.pretrain
+    corpus = data.pretraining_corpus(p.max_documents)
+    # every k-th document is held out (validation loss, early stopping); the test split is never used
+    heldout_every = max(2, round(1 / p.heldout_fraction))
+    is_heldout = np.arange(len(corpus)) % heldout_every == heldout_every - 1
+    train_docs = corpus.select(np.flatnonzero(~is_heldout))
+    heldout_docs = corpus.select(np.flatnonzero(is_heldout))
+
+    started = time.perf_counter()
+    tokenizer = train_tokenizer((data.document_text(t, x) for t, x in zip(train_docs["title"], train_docs["text"])),
+                                cfg.model.vocab_size)
+    tokenizer_seconds = time.perf_counter() - started
+    train_blocks = _blocks_dataset(tokenize_documents(tokenizer, train_docs), p.block_size, tokenizer.eos_token_id)
+    heldout_blocks = _blocks_dataset(tokenize_documents(tokenizer, heldout_docs), p.block_size, tokenizer.eos_token_id)
+
+    torch.manual_seed(cfg.seed)
+    lm = Qwen2MoeForCausalLM(build_config(cfg, tokenizer)).to(cfg.device)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    bf16 = p.precision == "bf16"
+    args = TrainingArguments(
+        output_dir=str(work / "checkpoints"), max_steps=p.max_steps, per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size, learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
+        weight_decay=p.weight_decay, lr_scheduler_type="cosine", adam_beta2=0.95, max_grad_norm=1.0,
+        logging_steps=max(1, min(25, p.max_steps // 20)), eval_strategy="steps", eval_steps=p.eval_every,
+        save_strategy="no", seed=cfg.seed, data_seed=cfg.seed,
+        full_determinism=cfg.device == "cpu", bf16=bf16, use_cpu=cfg.device == "cpu", report_to=[],
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    keep_best = KeepBestCallback(p.early_stopping_patience)
+    trainer = MoETrainer(model=lm, args=args, train_dataset=train_blocks, eval_dataset=heldout_blocks,
+                         aux_loss_coef=p.aux_loss_coef, top_k=cfg.model.top_k, callbacks=[keep_best])
+    train_output = trainer.train()
+    train_seconds = time.perf_counter() - started - tokenizer_seconds
+
+    lm.save_pretrained(work, safe_serialization=True)
+    tokenizer.save_pretrained(work)
+    n_train_tokens = int(train_blocks.num_rows * p.block_size)
+    build = {
+        "fingerprint": build_fingerprint(cfg), "config": cfg.to_dict(), "seed": cfg.seed,
+        "train_tokens_per_epoch": n_train_tokens, "heldout_tokens": int(heldout_blocks.num_rows * p.block_size),
+        "documents": {"train": train_docs.num_rows, "heldout": heldout_docs.num_rows},
+        "steps": trainer.state.global_step, "best_step": keep_best.best_step,
+        "best_heldout_loss": keep_best.best_loss,
+        "train_seconds": round(train_seconds, 1), "tokenizer_seconds": round(tokenizer_seconds, 1),
+        "train_tokens_per_second": round(trainer.state.global_step * p.batch_size * p.block_size / train_seconds, 1),
+        "train_loss": train_output.training_loss,
+    }
+    (work / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    (work / BUILD_FILE).write_text(json.dumps(build, indent=2, sort_keys=True))
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    work.rename(out_dir)
+    return out_dir
+
+
+class KeepBestCallback(TrainerCallback):
+    """Keep the weights of the best held-out loss in memory; restore them at the end; stop on a plateau.
+
+    (The Trainer's own load_best_model_at_end reloads checkpoints without transformers 5's
+    fused-expert weight conversion, silently leaving the experts at their last values.)
+    """
+
+    def __init__(self, patience: int = 0):
+        self.patience = patience
+        self.best_loss, self.best_step, self.best_state, self.bad_evals = float("inf"), None, None, 0
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        loss = metrics["eval_loss"]
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.bad_evals = loss, state.global_step, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.bad_evals += 1
+            if self.patience and self.bad_evals >= self.patience:
+                control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+def base_model_dir(cfg: StudyConfig) -> Path:
+    return cfg.artifacts_dir / "base_model"
+
+
+def build_or_load(cfg: StudyConfig, force: bool = False):
+    """The project's base model for this preset: reused when its fingerprint matches, else pre-trained."""
+    out = base_model_dir(cfg)
+    build_file = out / BUILD_FILE
+    stale = not build_file.is_file() or json.loads(build_file.read_text()).get("fingerprint") != build_fingerprint(cfg)
+    if force or stale:
+        pretrain(cfg, out)
+    return load_model(out, device=cfg.device)
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load any transformers MoE causal LM (a local directory or a hub id) and its tokenizer.
+
+    Raises a one-line ValueError when the path does not exist, is not a causal LM, or has no MoE layer.
+    """
+    from . import moe
+
+    name = str(path)
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ValueError(f"model_path {name!r} does not exist; pass a directory saved with save_pretrained "
+                         f"or a hub id of one of {', '.join(moe.SUPPORTED_ARCHITECTURES)}")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model_path {name!r} is not a transformers model ({str(err).splitlines()[0]})") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ValueError(f"model_path {name!r} is a {config.model_type!r} model, not a causal LM; supported MoE "
+                         f"architectures: {', '.join(moe.SUPPORTED_ARCHITECTURES)}")
+    lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto").to(device).eval()
+    try:
+        moe.describe(lm)
+    except ValueError:
+        raise ValueError(f"model_path {name!r} ({config.model_type}) has no MoE layer; supported architectures: "
+                         f"{', '.join(moe.SUPPORTED_ARCHITECTURES)}") from None
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer
+
+
+def build_info(path: str | Path) -> dict:
+    """The pre-training record saved next to the project's base model ({} for other checkpoints)."""
+    build_file = Path(path) / BUILD_FILE
+    return json.loads(build_file.read_text()) if build_file.is_file() else {}
+
+
+def training_log(path: str | Path) -> list[dict]:
+    log = Path(path) / "training_log.json"
+    return json.loads(log.read_text()) if log.is_file() else []

@@ -1,0 +1,83 @@
+"""A transformers Trainer for MoE language models: LM loss + per-layer load balancing (+ extra terms).
+
+    trainer = MoETrainer(model=model, args=args, train_dataset=blocks, aux_loss_coef=0.1)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+
+def _layer_logits(router_logits) -> list[torch.Tensor]:
+    """Router logits per MoE layer as (tokens, n_experts), dropping dense layers' None entries."""
+    return [logits.reshape(-1, logits.shape[-1]) for logits in router_logits if logits is not None]
+
+
+def balance_loss(router_logits, top_k: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-style load-balancing loss computed per MoE layer, then averaged over layers.
+
+    transformers' models pool counts over all layers before the product, which lets one layer stay
+    unbalanced while another compensates; balancing each layer is what the paper's premise needs.
+    """
+    layers = _layer_logits(router_logits)
+    n_experts = layers[0].shape[-1]
+    losses = [load_balancing_loss_func((logits,), n_experts, top_k, attention_mask) for logits in layers]
+    return torch.stack(losses).mean()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """Mean next-token cross-entropy, ignoring padded positions and -100 labels."""
+    labels = labels.clone()
+    if attention_mask is not None:
+        labels[attention_mask == 0] = -100
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+class MoETrainer(Trainer):
+    """Trainer whose loss is LM loss + aux_loss_coef·balance (+ the `extra_losses` terms), each logged."""
+
+    def __init__(self, *args, aux_loss_coef: float = 0.0, top_k: int, extra_losses=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aux_loss_coef = aux_loss_coef
+        self.top_k = top_k
+        # name -> (weight, fn(router_logits, batch) -> scalar tensor)
+        self.extra_losses = dict(extra_losses or {})
+        self._term_sums: dict[str, float] = {}
+        self._term_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = dict(inputs)
+        document_ids = batch.pop("document_ids", None)
+        labels = batch.pop("labels", batch["input_ids"])
+        # no labels to the model: its own loss would add the pooled aux loss; we add the per-layer one
+        outputs = model(**batch, output_router_logits=True)
+        lm_loss = causal_lm_loss(outputs.logits, labels, batch.get("attention_mask"))
+        terms = {"lm_loss": lm_loss}
+        loss = lm_loss
+        if self.aux_loss_coef:
+            terms["balance_loss"] = balance_loss(outputs.router_logits, self.top_k, batch.get("attention_mask"))
+            loss = loss + self.aux_loss_coef * terms["balance_loss"]
+        for name, (weight, fn) in self.extra_losses.items():
+            terms[name] = fn(outputs.router_logits, {**batch, "document_ids": document_ids})
+            loss = loss + weight * terms[name]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.state.global_step}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            )
+        if model.training:
+            for name, value in terms.items():
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value.detach())
+            self._term_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._term_count and "loss" in logs:
+            logs.update({k: round(v / self._term_count, 6) for k, v in self._term_sums.items()})
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, *args, **kwargs)
