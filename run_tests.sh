@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_env.sh
-exec python -m pytest tests notebooks --nbval-lax --sanitize-with tests/nbval_sanitize.cfg -q "$@"
+exec python -m pytest tests notebooks --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -q "$@"

@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, \
-    Qwen2MoeForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2MoeForCausalLM,
+                          ViTConfig, ViTModel)
 
 from cfmoe import model, moe
 from cfmoe.config import load_config
@@ -69,9 +69,9 @@ def test_missing_path_names_it_and_the_supported_architectures(tmp_path):
 
 
 def test_non_causal_lm_is_rejected(tmp_path):
-    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-                         vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"is a 'bert' model, not a causal LM; supported MoE architectures"):
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                       image_size=8, patch_size=4)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is a 'vit' model, not a causal LM; supported MoE architectures"):
         model.load_model(tmp_path)
 
 
