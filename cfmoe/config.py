@@ -50,6 +50,7 @@ class PretrainConfig:
     aux_loss_coef: float = 0.1
     eval_every: int = 100
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    time_limit_minutes: float = 0.0  # stop after this much training (gpu preset's budget); 0 = no limit
     heldout_fraction: float = 0.02  # share of pre-training documents held out for validation loss
     max_documents: int = 0  # 0 = the whole corpus; >0 caps it (smoke runs)
     precision: str = "fp32"  # fp32 on CPU; bf16 on the GPU

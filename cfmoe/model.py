@@ -111,7 +111,7 @@ def pretrain(cfg: StudyConfig, out_dir: str | Path) -> Path:
         full_determinism=cfg.device == "cpu", bf16=bf16, use_cpu=cfg.device == "cpu", report_to=[],
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
     )
-    keep_best = KeepBestCallback(p.early_stopping_patience)
+    keep_best = KeepBestCallback(p.early_stopping_patience, p.time_limit_minutes * 60)
     trainer = MoETrainer(model=lm, args=args, train_dataset=train_blocks, eval_dataset=heldout_blocks,
                          aux_loss_coef=p.aux_loss_coef, top_k=cfg.model.top_k, callbacks=[keep_best])
     train_output = trainer.train()
@@ -139,15 +139,24 @@ def pretrain(cfg: StudyConfig, out_dir: str | Path) -> Path:
 
 
 class KeepBestCallback(TrainerCallback):
-    """Keep the weights of the best held-out loss in memory; restore them at the end; stop on a plateau.
+    """Keep the weights of the best held-out loss in memory; restore them at the end; stop on a plateau
+    or when the time budget is spent.
 
     (The Trainer's own load_best_model_at_end reloads checkpoints without transformers 5's
     fused-expert weight conversion, silently leaving the experts at their last values.)
     """
 
-    def __init__(self, patience: int = 0):
-        self.patience = patience
+    def __init__(self, patience: int = 0, time_limit_s: float = 0.0):
+        self.patience, self.time_limit_s = patience, time_limit_s
         self.best_loss, self.best_step, self.best_state, self.bad_evals = float("inf"), None, None, 0
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.time_limit_s and time.perf_counter() - self.started > self.time_limit_s:
+            control.should_training_stop = control.should_evaluate = True
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         loss = metrics["eval_loss"]
