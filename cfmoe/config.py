@@ -65,6 +65,31 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Locality-aware fine-tuning (CFMoE): LM loss + locality_weight·locality loss, balance weight 0."""
+
+    steps: int = 30
+    batch_size: int = 8
+    block_size: int = 256
+    learning_rate: float = 1e-3
+    warmup_steps: int = 3
+    aux_loss_coef: float = 0.0  # CFMoE sets the load-balancing weight to 0 while fine-tuning
+    locality_kind: str = "js"  # used when notebook 01 has not chosen one (a model_path run without it)
+    locality_weight: float = 1.0
+    lora_rank: int = 0  # 0 = full fine-tuning; >0 = LoRA (peft) of this rank
+    eval_tokens: int = 32768  # WikiText-2 test tokens for each run's perplexity and ECR (0 = all)
+
+
+@dataclass(frozen=True)
+class RouterDesignConfig:
+    """Notebook 01's sweep: short fine-tunes per locality loss kind and weight (plus a weight-0 control)."""
+
+    kinds: tuple[str, ...] = ("l2", "skl", "js", "topk_overlap")
+    weights: tuple[float, ...] = (0.3, 3.0)
+    max_ppl_increase: float = 0.02  # the chosen loss is the highest-ECR run within this of the control
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """Everything a notebook needs; frozen so a run cannot change its own inputs half-way."""
 
@@ -76,6 +101,8 @@ class StudyConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    router_design: RouterDesignConfig = field(default_factory=RouterDesignConfig)
 
     @property
     def artifacts_dir(self) -> Path:
@@ -106,13 +133,23 @@ def _check(cls, values: dict, where: str):
         if dataclasses.is_dataclass(expected):
             kwargs[name] = _check(expected, value, f"{where}.{name}")
             continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if not ok:
-            raise ValueError(f"{where}.{name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
-        kwargs[name] = value
+        if typing.get_origin(expected) is tuple:  # tuple[T, ...] from a YAML list
+            item = typing.get_args(expected)[0]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{where}.{name}: expected a list of {item.__name__}, got {type(value).__name__} {value!r}")
+            kwargs[name] = tuple(_scalar(v, item, f"{where}.{name}") for v in value)
+        else:
+            kwargs[name] = _scalar(value, expected, f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _scalar(value, expected: type, where: str):
+    """`value` as `expected` (an int is accepted for a float), else a one-line error."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def preset_path(preset: str) -> Path:

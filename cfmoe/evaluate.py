@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from . import data
+from . import data, metrics, routing
 from .training import causal_lm_loss
 
 
@@ -42,3 +42,20 @@ def perplexity(model, blocks: dict[str, np.ndarray], batch_size: int = 8) -> dic
         total_tokens += n
     nll = total_nll / total_tokens
     return {"nll": nll, "perplexity": math.exp(nll), "tokens": total_tokens}
+
+
+@torch.no_grad()
+def test_locality(lm, tokenizer, block_size: int, max_tokens: int = 0, batch_size: int = 8) -> dict:
+    """Teacher-forced WikiText-2 test perplexity and ECR (pairs inside one article and one block only)."""
+    blocks = test_blocks(tokenizer, block_size, max_tokens)
+    # one pass: the routing hooks record the experts of the perplexity forwards (no padding: rows = tokens)
+    with routing.record_routing(lm) as recorder:
+        ppl = perplexity(lm, blocks, batch_size)
+    experts = np.concatenate([experts for experts, _ in recorder.calls()])
+    docs = blocks["document_ids"]
+    valid = (docs[:, 1:] == docs[:, :-1])
+    # a pair that straddles two blocks was never seen together by the model
+    valid = np.concatenate([valid, np.zeros((len(docs), 1), bool)], axis=1).reshape(-1)[:-1]
+    per_layer = metrics.expert_consistency_rate(experts, per_layer=True, valid_pairs=valid)
+    return {"test_ppl": ppl["perplexity"], "tokens": ppl["tokens"], "test_ecr": float(per_layer.mean()),
+            "per_layer_ecr": per_layer, "experts": experts, "valid_pairs": valid}

@@ -55,3 +55,38 @@ def expert_load(load: np.ndarray, top_k: int) -> plt.Figure:
     ax_max.legend(loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def routing_ceiling(per_layer: pd.DataFrame, lru: pd.DataFrame, reuse: pd.DataFrame) -> plt.Figure:
+    """Per-layer ECR against k/E, measured LRU hit rate against the i.i.d. curve, and reuse distances."""
+    fig, (ax_ecr, ax_lru, ax_reuse) = plt.subplots(1, 3, figsize=(14, 3.8))
+    sns.barplot(data=per_layer, x="moe_layer", y="ecr", ax=ax_ecr, color="C0")
+    ax_ecr.axhline(per_layer.iid_ecr.iloc[0], ls="--", color="C3", label="i.i.d. balanced (k/E)")
+    ax_ecr.set(xlabel="MoE layer", ylabel="ECR", title="expert consistency rate")
+    ax_ecr.legend(loc="lower right")
+    sns.lineplot(data=lru, x="capacity_per_layer", y="measured_lru_hit_rate", ax=ax_lru, marker="o", label="measured")
+    sns.lineplot(data=lru, x="capacity_per_layer", y="iid_lru_hit_rate", ax=ax_lru, ls="--", label="i.i.d. routing")
+    ax_lru.set(xlabel="LRU capacity (experts per layer)", ylabel="hit rate", title="per-layer LRU cache")
+    sns.lineplot(data=reuse, x="distance", y="share_of_reuses", hue="moe_layer", ax=ax_reuse, palette="viridis")
+    ax_reuse.set(xscale="log", xlabel="reuse distance (tokens)", ylabel="share of reuses", title="reuse distance")
+    fig.tight_layout()
+    return fig
+
+
+def pareto(sweep: pd.DataFrame, k_over_e: float) -> plt.Figure:
+    """Test ECR against test perplexity for every locality loss and weight; the control and choice marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    runs = sweep[~sweep.run.isin(["base", "control"])]
+    sns.scatterplot(data=runs, x="test_ppl", y="test_ecr", hue="kind", size="weight", sizes=(40, 200), ax=ax)
+    for name, marker in (("base", "s"), ("control", "D")):
+        row = sweep[sweep.run == name]
+        ax.scatter(row.test_ppl, row.test_ecr, marker=marker, color="black", s=60, label=name, zorder=3)
+    chosen = sweep[sweep.chosen]
+    ax.scatter(chosen.test_ppl, chosen.test_ecr, marker="*", s=400, facecolor="none", edgecolor="C3", lw=1.5,
+               label="chosen", zorder=4)
+    ax.axhline(k_over_e, ls=":", color="grey", label="k/E")
+    ax.set(xlabel="test perplexity (lower is better)", ylabel="test ECR (higher is better)",
+           title="router design: locality loss x weight")
+    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -60,7 +60,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> str:
-    """The current commit (with '-dirty' when the tree has changes), or 'unknown' outside git."""
+    """The current commit (with '-dirty' when the tree has changes), or 'unknown' outside git.
+
+    CFMOE_COMMIT overrides it, for machines that receive the work tree without .git (the GPU machine).
+    """
+    if os.environ.get("CFMOE_COMMIT"):
+        return os.environ["CFMOE_COMMIT"]
     cwd = repo or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()

@@ -6,15 +6,17 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import time
 
 import numpy as np
 import pandas as pd
 
-from . import evaluate, metrics, model, moe, routing
+from . import cache, evaluate, finetune, metrics, model, moe
 from .config import StudyConfig, load_config
 from .determinism import make_deterministic
-from .provenance import save_figure, save_table
+from .provenance import save_figure, save_table, sidecar, write_json_atomic
 
 BASE_MODEL = "00_base_model"
 
@@ -30,18 +32,6 @@ def model_dir(cfg: StudyConfig):
     return cfg.model_path or str(model.base_model_dir(cfg))
 
 
-def test_routing(cfg: StudyConfig, lm, tokenizer, batch_size: int = 8) -> np.ndarray:
-    """Experts used by every WikiText-2 test token (teacher-forced), shape (tokens, moe_layers, k)."""
-    blocks = evaluate.test_blocks(tokenizer, cfg.pretrain.block_size, cfg.eval.max_test_tokens)["input_ids"]
-    import torch
-
-    traces = []
-    for start in range(0, len(blocks), batch_size):
-        batch = torch.as_tensor(blocks[start:start + batch_size], device=cfg.device)
-        traces += routing.trace_forward(lm, batch)
-    return np.concatenate([t.experts for t in traces])
-
-
 def base_model_stage(cfg: StudyConfig, force: bool = False) -> dict[str, pd.DataFrame]:
     """Notebook 00: build or load the base model; its size, test perplexity and expert load."""
     make_deterministic(cfg.seed, cfg.threads)
@@ -51,20 +41,18 @@ def base_model_stage(cfg: StudyConfig, force: bool = False) -> dict[str, pd.Data
     build = model.build_info(model_dir(cfg))
 
     started = time.perf_counter()
-    blocks = evaluate.test_blocks(tokenizer, cfg.pretrain.block_size, cfg.eval.max_test_tokens)
-    ppl = evaluate.perplexity(lm, blocks, cfg.eval.batch_size)
-    experts = test_routing(cfg, lm, tokenizer, cfg.eval.batch_size)
+    test = evaluate.test_locality(lm, tokenizer, cfg.pretrain.block_size, cfg.eval.max_test_tokens, cfg.eval.batch_size)
     eval_seconds = time.perf_counter() - started
 
-    load = metrics.expert_load(experts, info.n_experts)
+    load = metrics.expert_load(test["experts"], info.n_experts)
     ratio = load.max(axis=1) / (info.top_k / info.n_experts)
     n_params = sum(p.numel() for p in lm.parameters())
     summary = pd.DataFrame([{
-        "preset": cfg.preset, "model": model_dir(cfg), "architecture": info.architecture,
+        "preset": cfg.preset, "model": cfg.model_path or f"cfmoe default (artifacts/{cfg.preset}/base_model)", "architecture": info.architecture,
         "parameters": n_params, "moe_layers": len(info.layers), "n_experts": info.n_experts, "top_k": info.top_k,
         "k_over_E": info.top_k / info.n_experts, "routed_expert_share": info.routed_share,
         "expert_mb": info.layers[0].expert_bytes / 1e6, "resident_mb": info.resident_bytes / 1e6,
-        "test_perplexity": ppl["perplexity"], "test_tokens": ppl["tokens"],
+        "test_perplexity": test["test_ppl"], "test_tokens": test["tokens"], "test_ecr": test["test_ecr"],
         "max_expert_load_ratio": float(ratio.max()),
         "train_steps": build.get("steps"), "train_seconds": build.get("train_seconds"),
         "train_tokens_per_second": build.get("train_tokens_per_second"),
@@ -98,7 +86,100 @@ def base_model_figures(cfg: StudyConfig, results: dict) -> None:
     save_figure(plots.expert_load(results["load"], results["info"].top_k), out / "expert_load", cfg)
 
 
-STAGES = {"base_model": (base_model_stage, base_model_figures)}
+ROUTER_DESIGN = "01_router_design"
+
+
+def routing_ceiling(experts: np.ndarray, n_experts: int) -> dict[str, pd.DataFrame]:
+    """The 'theoretical caching ceiling' with data: per-layer ECR, reuse distances and LRU hit rates vs i.i.d."""
+    top_k = experts.shape[2]
+    capacities = np.arange(top_k, n_experts + 1, max(1, n_experts // 16))
+    keys = cache.access_keys(experts, n_experts)
+    measured = [cache.simulate_cache(keys, "lru", int(c), scope="per_layer", n_experts=n_experts).hit_rate
+                for c in capacities]
+    lru = pd.DataFrame({"capacity_per_layer": capacities, "measured_lru_hit_rate": measured,
+                        "iid_lru_hit_rate": metrics.iid_lru_hit_curve(top_k, n_experts, capacities)})
+    hist = metrics.reuse_distance_histogram(experts, max_distance=64)
+    reuses = hist[:, 1:]
+    reuse = pd.DataFrame([{"moe_layer": layer, "distance": d + 1, "share_of_reuses": reuses[layer, d] / reuses[layer].sum()}
+                          for layer in range(len(hist)) for d in range(reuses.shape[1])])
+    return {"lru": lru, "reuse": reuse}
+
+
+def router_design_stage(cfg: StudyConfig, force: bool = False) -> dict:
+    """Notebook 01: the base model's routing locality, then a sweep of locality losses x weights (Pareto)."""
+    make_deterministic(cfg.seed, cfg.threads)
+    out = cfg.results_dir(ROUTER_DESIGN)
+    ft, design = cfg.finetune, cfg.router_design
+    lm, tokenizer = load_base(cfg)
+    info = moe.describe(lm)
+    k_over_e = info.top_k / info.n_experts
+
+    base = evaluate.test_locality(lm, tokenizer, ft.block_size, cfg.eval.max_test_tokens, cfg.eval.batch_size)
+    per_layer = pd.DataFrame({"moe_layer": np.arange(len(info.layers)), "ecr": base["per_layer_ecr"],
+                              "iid_ecr": k_over_e,
+                              "max_load_ratio": metrics.max_load_ratio(base["experts"], info.n_experts)})
+    ceiling = routing_ceiling(base["experts"], info.n_experts)
+    save_table(per_layer, out / "base_routing_per_layer", cfg)
+    save_table(ceiling["lru"], out / "base_lru_vs_iid", cfg)
+    save_table(ceiling["reuse"], out / "base_reuse_distance", cfg)
+
+    blocks = finetune.finetune_blocks(tokenizer, ft.block_size)
+    base_eval = evaluate.test_locality(lm, tokenizer, ft.block_size, ft.eval_tokens, cfg.eval.batch_size)
+    rows = [{"run": "base", "kind": "none", "weight": 0.0, "test_ppl": base_eval["test_ppl"],
+             "test_ecr": base_eval["test_ecr"], "train_seconds": 0.0}]
+    runs = [("control", "none", 0.0)] + [(f"{k}@{w:g}", k, w) for k in design.kinds for w in design.weights]
+    for name, kind, weight in runs:
+        tuned = finetune.finetune(copy.deepcopy(lm), blocks, ft, kind="js" if kind == "none" else kind,
+                                  weight=weight, top_k=info.top_k, seed=cfg.seed, device=cfg.device)
+        ev = evaluate.test_locality(tuned.model, tokenizer, ft.block_size, ft.eval_tokens, cfg.eval.batch_size)
+        rows.append({"run": name, "kind": kind, "weight": weight, "test_ppl": ev["test_ppl"],
+                     "test_ecr": ev["test_ecr"], "train_seconds": tuned.train_seconds})
+        del tuned
+    sweep = pd.DataFrame(rows)
+    control = sweep.set_index("run").loc["control"]
+    sweep["ppl_vs_control"] = sweep.test_ppl / control.test_ppl - 1
+    sweep["ecr_vs_control"] = sweep.test_ecr / control.test_ecr - 1
+    choice = choose_locality_loss(sweep, design.max_ppl_increase)
+    sweep["chosen"] = sweep.run == choice["run"]
+    save_table(sweep, out / "pareto", cfg, eval_tokens=ft.eval_tokens, steps=ft.steps)
+    write_json_atomic(out / "choice.json", {**choice, **sidecar(cfg)})
+    return {"per_layer": per_layer, "lru": ceiling["lru"], "reuse": ceiling["reuse"], "sweep": sweep,
+            "choice": choice, "info": info}
+
+
+def choose_locality_loss(sweep: pd.DataFrame, max_ppl_increase: float) -> dict:
+    """The highest-ECR locality run within `max_ppl_increase` of the control's perplexity.
+
+    When none qualifies, the run with the smallest perplexity increase is taken, and the choice says so.
+    """
+    runs = sweep[~sweep.run.isin(["base", "control"])]
+    within = runs[runs.ppl_vs_control <= max_ppl_increase]
+    best = within.loc[within.test_ecr.idxmax()] if len(within) else runs.loc[runs.ppl_vs_control.idxmin()]
+    return {"run": best.run, "kind": best.kind, "weight": float(best.weight), "test_ecr": float(best.test_ecr),
+            "ppl_vs_control": float(best.ppl_vs_control), "within_budget": bool(len(within)),
+            "max_ppl_increase": max_ppl_increase}
+
+
+def load_choice(cfg: StudyConfig) -> dict:
+    """Notebook 01's chosen locality loss and weight (the preset's defaults when 01 has not run)."""
+    path = cfg.results_dir(ROUTER_DESIGN) / "choice.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"kind": cfg.finetune.locality_kind, "weight": cfg.finetune.locality_weight, "run": "preset default"}
+
+
+def router_design_figures(cfg: StudyConfig, results: dict) -> None:
+    """Figures of notebook 01, drawn from the stage's tables."""
+    from . import plots
+
+    out = cfg.results_dir(ROUTER_DESIGN)
+    info = results["info"]
+    save_figure(plots.routing_ceiling(results["per_layer"], results["lru"], results["reuse"]), out / "base_locality", cfg)
+    save_figure(plots.pareto(results["sweep"], info.top_k / info.n_experts), out / "pareto", cfg)
+
+
+STAGES = {"base_model": (base_model_stage, base_model_figures),
+          "router_design": (router_design_stage, router_design_figures)}
 
 
 def main(argv=None) -> None:
@@ -113,7 +194,7 @@ def main(argv=None) -> None:
     compute, draw = STAGES[args.stage]
     results = compute(cfg, force=args.force)
     draw(cfg, results)
-    print(results["summary"].T.to_string())
+    print(f"stage {args.stage} ({cfg.preset}) written to results/")
 
 
 if __name__ == "__main__":

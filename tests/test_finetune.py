@@ -1,0 +1,78 @@
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tiny_models import tiny_moe
+from transformers import TrainingArguments
+
+from cfmoe import finetune, study
+from cfmoe.config import FinetuneConfig
+from cfmoe.locality import consecutive_pair_mask, locality_loss
+from cfmoe.training import MoETrainer, balance_loss, causal_lm_loss
+
+
+def _batch(seed=0, batch=2, seq=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (batch, seq), generator=g)
+    docs = torch.zeros_like(ids)
+    docs[:, seq // 2:] = 1  # a document boundary in the middle of every block
+    return {"input_ids": ids, "labels": ids.clone(), "document_ids": docs}
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "deepseek_v3"])
+def test_trainer_loss_is_lm_plus_balance_plus_lambda_locality(arch, tmp_path):
+    lm = tiny_moe(arch).train()
+    batch = _batch()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    weight, coef = 0.7, 0.05
+    trainer = MoETrainer(model=lm, args=args, aux_loss_coef=coef, top_k=2,
+                         extra_losses={"locality_loss": (weight, finetune.locality_term("js", 2))})
+    loss = trainer.compute_loss(lm, dict(batch))
+    out = lm(input_ids=batch["input_ids"], output_router_logits=True)
+    logits = [x for x in out.router_logits if x is not None]
+    mask = consecutive_pair_mask(torch.ones_like(batch["input_ids"]), batch["document_ids"])
+    expected = (causal_lm_loss(out.logits, batch["input_ids"]) + coef * balance_loss(out.router_logits, 2)
+                + weight * locality_loss(logits, mask, "js"))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_locality_gradient_reaches_every_router():
+    lm = tiny_moe("qwen2_moe").train()
+    batch = _batch()
+    out = lm(input_ids=batch["input_ids"], output_router_logits=True)
+    finetune.locality_term("l2", 2)(out.router_logits, batch).backward()
+    routers = [m for name, m in lm.named_modules() if name.endswith("mlp.gate")]
+    assert routers and all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in routers)
+
+
+def test_finetune_changes_routing_and_rejects_bad_input():
+    lm = tiny_moe("qwen2_moe")
+    ids = np.random.default_rng(0).integers(3, 128, size=(8, 16))
+    blocks = datasets.Dataset.from_dict({"input_ids": ids, "document_ids": np.zeros_like(ids),
+                                         "labels": ids}).with_format("torch")
+    before = {k: v.clone() for k, v in lm.state_dict().items() if "gate.weight" in k}
+    ft = FinetuneConfig(steps=2, batch_size=4, warmup_steps=0, learning_rate=1e-2)
+    result = finetune.finetune(lm, blocks, ft, kind="js", weight=1.0, top_k=2)
+    assert any(not torch.equal(before[k], lm.state_dict()[k]) for k in before)
+    assert any("locality_loss" in row and "lm_loss" in row for row in result.log)
+    with pytest.raises(ValueError, match="unknown locality loss kind 'kl'"):
+        finetune.finetune(lm, blocks, ft, kind="kl", weight=1.0, top_k=2)
+    with pytest.raises(ValueError, match="locality weight must be >= 0"):
+        finetune.finetune(lm, blocks, ft, kind="js", weight=-1.0, top_k=2)
+
+
+def test_never_finetunes_on_the_test_split():
+    with pytest.raises(ValueError, match="never fine-tune on the WikiText-2 test split"):
+        finetune.finetune_blocks(None, 64, split="test")
+
+
+def test_choice_is_best_ecr_within_the_perplexity_budget():
+    sweep = pd.DataFrame({
+        "run": ["base", "control", "a", "b", "c"], "kind": ["none", "none", "js", "js", "l2"],
+        "weight": [0, 0, 1, 3, 1], "test_ecr": [0.2, 0.25, 0.30, 0.40, 0.35],
+        "ppl_vs_control": [0.0, 0.0, 0.001, 0.05, 0.015]})
+    choice = study.choose_locality_loss(sweep, 0.02)
+    assert (choice["run"], choice["within_budget"]) == ("c", True)
+    fallback = study.choose_locality_loss(sweep.assign(ppl_vs_control=[0, 0, 0.03, 0.05, 0.04]), 0.02)
+    assert (fallback["run"], fallback["within_budget"]) == ("a", False)
