@@ -68,7 +68,7 @@ class EvalConfig:
 class FinetuneConfig:
     """Locality-aware fine-tuning (CFMoE): LM loss + locality_weight·locality loss, balance weight 0."""
 
-    steps: int = 30
+    steps: int = 100
     batch_size: int = 8
     block_size: int = 256
     learning_rate: float = 1e-3
@@ -76,7 +76,9 @@ class FinetuneConfig:
     aux_loss_coef: float = 0.0  # CFMoE sets the load-balancing weight to 0 while fine-tuning
     locality_kind: str = "js"  # used when notebook 01 has not chosen one (a model_path run without it)
     locality_weight: float = 1.0
-    lora_rank: int = 0  # 0 = full fine-tuning; >0 = LoRA (peft) of this rank
+    lora_rank: int = 8  # LoRA (peft) rank on attention and fused experts; routers train fully; 0 = full fine-tuning
+    daft_threshold: float = 0.7  # DAFT: fine-tune the MoE layers whose profiled ECR is below this (the authors' value)
+    daft_quantile: float = 0.5  # used instead when the threshold selects every layer (small models sit below 0.7)
     eval_tokens: int = 32768  # WikiText-2 test tokens for each run's perplexity and ECR (0 = all)
 
 
@@ -84,6 +86,7 @@ class FinetuneConfig:
 class RouterDesignConfig:
     """Notebook 01's sweep: short fine-tunes per locality loss kind and weight (plus a weight-0 control)."""
 
+    steps: int = 25  # each sweep run is a short version of notebook 02's fine-tuning
     kinds: tuple[str, ...] = ("l2", "skl", "js", "topk_overlap")
     weights: tuple[float, ...] = (0.3, 3.0)
     max_ppl_increase: float = 0.02  # the chosen loss is the highest-ECR run within this of the control

@@ -48,18 +48,42 @@ def locality_term(kind: str, top_k: int):
 
 @dataclass
 class FinetuneResult:
-    model: torch.nn.Module
+    model: torch.nn.Module  # the peft-wrapped model when ft.lora_rank > 0
     log: list[dict]
     train_seconds: float
+    trainable_params: int
+    peak_memory_mb: float  # CUDA peak allocated on a GPU; the process's peak RSS on a CPU
+
+
+def _reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the process's peak RSS (VmHWM)
+        f.write("5")
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: int, seed: int = 0,
-             device: str = "cpu", output_dir: str | None = None) -> FinetuneResult:
-    """Fine-tune `lm` in place for `ft.steps` steps; weight 0 is the plain-LM control."""
+             device: str = "cpu", layers: list[int] | None = None, output_dir: str | None = None) -> FinetuneResult:
+    """Fine-tune `lm` for `ft.steps` steps (LoRA on MoE `layers`, all when None); weight 0 is the control."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown locality loss kind {kind!r}; valid kinds: {', '.join(LOSS_KINDS)}")
     if weight < 0:
         raise ValueError(f"locality weight must be >= 0, got {weight}")
+    from .daft import lora_model, trainable_parameters
+
+    torch.manual_seed(seed)  # LoRA's initialisation
+    lm = lora_model(lm, layers, ft.lora_rank) if ft.lora_rank else lm
+    _reset_peak_memory(device)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=output_dir or scratch, max_steps=ft.steps, per_device_train_batch_size=ft.batch_size,
@@ -75,4 +99,4 @@ def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: in
         trainer.train()
         seconds = time.perf_counter() - started
     lm.eval()
-    return FinetuneResult(lm, trainer.state.log_history, seconds)
+    return FinetuneResult(lm, trainer.state.log_history, seconds, trainable_parameters(lm), _peak_memory_mb(device))

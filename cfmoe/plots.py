@@ -90,3 +90,26 @@ def pareto(sweep: pd.DataFrame, k_over_e: float) -> plt.Figure:
     ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def per_layer_ecr(per_layer: pd.DataFrame, k_over_e: float) -> plt.Figure:
+    """Test ECR per MoE layer for every fine-tuning run, against k/E."""
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    sns.barplot(data=per_layer, x="moe_layer", y="ecr", hue="run", ax=ax)
+    ax.axhline(k_over_e, ls="--", color="grey", label="k/E")
+    ax.set(xlabel="MoE layer", ylabel="test ECR", title="expert consistency rate per layer")
+    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def finetune_curves(log: pd.DataFrame) -> plt.Figure:
+    """LM loss and locality loss against the fine-tuning step, per run."""
+    fig, (ax_lm, ax_loc) = plt.subplots(1, 2, figsize=(11, 3.6))
+    sns.lineplot(data=log, x="step", y="lm_loss", hue="run", ax=ax_lm)
+    ax_lm.set(ylabel="LM loss (nats/token)", title="language modelling")
+    if "locality_loss" in log:
+        sns.lineplot(data=log.dropna(subset=["locality_loss"]), x="step", y="locality_loss", hue="run", ax=ax_loc)
+    ax_loc.set(ylabel="locality loss", title="locality loss (runs that use it)")
+    fig.tight_layout()
+    return fig

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
 import numpy as np
 import pandas as pd
 
-from . import cache, evaluate, finetune, metrics, model, moe
+from . import cache, daft, evaluate, finetune, metrics, model, moe
 from .config import StudyConfig, load_config
 from .determinism import make_deterministic
 from .provenance import save_figure, save_table, sidecar, write_json_atomic
@@ -128,8 +129,9 @@ def router_design_stage(cfg: StudyConfig, force: bool = False) -> dict:
     rows = [{"run": "base", "kind": "none", "weight": 0.0, "test_ppl": base_eval["test_ppl"],
              "test_ecr": base_eval["test_ecr"], "train_seconds": 0.0}]
     runs = [("control", "none", 0.0)] + [(f"{k}@{w:g}", k, w) for k in design.kinds for w in design.weights]
+    short = dataclasses.replace(ft, steps=design.steps)
     for name, kind, weight in runs:
-        tuned = finetune.finetune(copy.deepcopy(lm), blocks, ft, kind="js" if kind == "none" else kind,
+        tuned = finetune.finetune(copy.deepcopy(lm), blocks, short, kind="js" if kind == "none" else kind,
                                   weight=weight, top_k=info.top_k, seed=cfg.seed, device=cfg.device)
         ev = evaluate.test_locality(tuned.model, tokenizer, ft.block_size, ft.eval_tokens, cfg.eval.batch_size)
         rows.append({"run": name, "kind": kind, "weight": weight, "test_ppl": ev["test_ppl"],
@@ -178,8 +180,91 @@ def router_design_figures(cfg: StudyConfig, results: dict) -> None:
     save_figure(plots.pareto(results["sweep"], info.top_k / info.n_experts), out / "pareto", cfg)
 
 
+FINE_TUNING = "02_fine_tuning"
+FINETUNE_RUNS = ("base", "lora_control", "cfmoe", "cfmoe_daft")
+
+
+def finetuned_dir(cfg: StudyConfig, run: str):
+    """Where notebook 02 saves a run's adapter (`adapter/`) and merged model (`merged/`)."""
+    return cfg.artifacts_dir / "finetune" / run
+
+
+def fine_tuning_stage(cfg: StudyConfig, force: bool = False) -> dict:
+    """Notebook 02: base, LoRA control, CFMoE (all layers) and CFMoE+DAFT with the same steps, seed and data."""
+    make_deterministic(cfg.seed, cfg.threads)
+    out = cfg.results_dir(FINE_TUNING)
+    ft = cfg.finetune
+    lm, tokenizer = load_base(cfg)
+    info = moe.describe(lm)
+    choice = load_choice(cfg)
+    blocks = finetune.finetune_blocks(tokenizer, ft.block_size)
+
+    # DAFT's offline profile: per-layer ECR on a calibration sample of the fine-tuning data
+    calibration = blocks[: max(1, len(blocks) // 4)]
+    profile = daft.profile_layer_ecr(lm, calibration["input_ids"].numpy(), calibration["document_ids"].numpy())
+    by_threshold = daft.select_daft_layers(profile, threshold=ft.daft_threshold)
+    selection = "threshold"
+    daft_layers = by_threshold
+    if len(by_threshold) in (0, len(profile)):  # a small model's layers may all sit below 0.7
+        daft_layers, selection = daft.select_daft_layers(profile, quantile=ft.daft_quantile), "quantile"
+    profile["selected"] = profile.layer.isin(daft_layers)
+    save_table(profile, out / "ecr_profile", cfg, threshold=ft.daft_threshold, quantile=ft.daft_quantile,
+               selection=selection)
+
+    plans = {"lora_control": ("js", 0.0, None), "cfmoe": (choice["kind"], choice["weight"], None),
+             "cfmoe_daft": (choice["kind"], choice["weight"], daft_layers)}
+    rows, per_layer, logs = [], [], []
+    for run in FINETUNE_RUNS:
+        if run == "base":
+            tuned_model, train = lm, None
+        else:
+            kind, weight, layers = plans[run]
+            train = finetune.finetune(copy.deepcopy(lm), blocks, ft, kind=kind, weight=weight, top_k=info.top_k,
+                                      seed=cfg.seed, device=cfg.device, layers=layers)
+            tuned_model = train.model
+            save_dir = finetuned_dir(cfg, run)
+            tuned_model.save_pretrained(save_dir / "adapter")
+            merged = tuned_model.merge_and_unload() if hasattr(tuned_model, "merge_and_unload") else tuned_model
+            merged.save_pretrained(save_dir / "merged")
+            tokenizer.save_pretrained(save_dir / "merged")
+            tuned_model = merged
+            logs += [{**row, "run": run} for row in train.log if "lm_loss" in row]
+        ev = evaluate.test_locality(tuned_model, tokenizer, ft.block_size, cfg.eval.max_test_tokens, cfg.eval.batch_size)
+        rows.append({"run": run, "locality_kind": plans.get(run, ("none",))[0] if run != "lora_control" else "none",
+                     "locality_weight": plans.get(run, (None, 0.0))[1],
+                     "layers_tuned": "none" if run == "base" else ",".join(map(str, plans[run][2] or range(len(info.layers)))),
+                     "trainable_params": train.trainable_params if train else 0,
+                     "train_seconds": train.train_seconds if train else 0.0,
+                     "peak_memory_mb": train.peak_memory_mb if train else float("nan"),
+                     "test_ppl": ev["test_ppl"], "test_ecr": ev["test_ecr"]})
+        per_layer += [{"run": run, "moe_layer": i, "ecr": e} for i, e in enumerate(ev["per_layer_ecr"])]
+    runs = pd.DataFrame(rows)
+    control = runs.set_index("run").loc["lora_control"]
+    runs["ecr_vs_control"] = runs.test_ecr / control.test_ecr - 1
+    runs["ppl_vs_control"] = runs.test_ppl / control.test_ppl - 1
+    per_layer = pd.DataFrame(per_layer)
+    log = pd.DataFrame(logs)
+    extra = {"choice": choice, "daft_layers": daft_layers, "steps": ft.steps}
+    save_table(runs, out / "runs", cfg, **extra)
+    save_table(per_layer, out / "per_layer_ecr", cfg, **extra)
+    save_table(log, out / "training_log", cfg, **extra)
+    return {"runs": runs, "per_layer": per_layer, "log": log, "profile": profile, "daft_layers": daft_layers,
+            "choice": choice, "info": info}
+
+
+def fine_tuning_figures(cfg: StudyConfig, results: dict) -> None:
+    """Figures of notebook 02, drawn from the stage's tables."""
+    from . import plots
+
+    out = cfg.results_dir(FINE_TUNING)
+    info = results["info"]
+    save_figure(plots.per_layer_ecr(results["per_layer"], info.top_k / info.n_experts), out / "per_layer_ecr", cfg)
+    save_figure(plots.finetune_curves(results["log"]), out / "training_curves", cfg)
+
+
 STAGES = {"base_model": (base_model_stage, base_model_figures),
-          "router_design": (router_design_stage, router_design_figures)}
+          "router_design": (router_design_stage, router_design_figures),
+          "fine_tuning": (fine_tuning_stage, fine_tuning_figures)}
 
 
 def main(argv=None) -> None:

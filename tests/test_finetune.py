@@ -51,10 +51,14 @@ def test_finetune_changes_routing_and_rejects_bad_input():
     ids = np.random.default_rng(0).integers(3, 128, size=(8, 16))
     blocks = datasets.Dataset.from_dict({"input_ids": ids, "document_ids": np.zeros_like(ids),
                                          "labels": ids}).with_format("torch")
-    before = {k: v.clone() for k, v in lm.state_dict().items() if "gate.weight" in k}
-    ft = FinetuneConfig(steps=2, batch_size=4, warmup_steps=0, learning_rate=1e-2)
-    result = finetune.finetune(lm, blocks, ft, kind="js", weight=1.0, top_k=2)
-    assert any(not torch.equal(before[k], lm.state_dict()[k]) for k in before)
+    x = torch.as_tensor(ids[:2])
+    before = [r.clone() for r in lm(input_ids=x, output_router_logits=True).router_logits]
+    ft = FinetuneConfig(steps=2, batch_size=4, warmup_steps=0, learning_rate=1e-2, lora_rank=4)
+    result = finetune.finetune(lm, blocks, ft, kind="js", weight=1.0, top_k=2, layers=[1])
+    after = result.model(input_ids=x, output_router_logits=True).router_logits
+    assert torch.equal(before[0], after[0]) and not torch.equal(before[1], after[1])  # only layer 1 trained
+    total = sum(p.numel() for p in result.model.parameters())
+    assert 0 < result.trainable_params < total / 2 and result.peak_memory_mb > 0
     assert any("locality_loss" in row and "lm_loss" in row for row in result.log)
     with pytest.raises(ValueError, match="unknown locality loss kind 'kl'"):
         finetune.finetune(lm, blocks, ft, kind="kl", weight=1.0, top_k=2)
