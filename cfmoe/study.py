@@ -189,6 +189,16 @@ def finetuned_dir(cfg: StudyConfig, run: str):
     return cfg.artifacts_dir / "finetune" / run
 
 
+def save_finetuned(cfg: StudyConfig, run: str, tuned, tokenizer):
+    """Save a run's LoRA adapter and its merged model (what notebooks 03 and 04 load); return the merged model."""
+    out = finetuned_dir(cfg, run)
+    tuned.save_pretrained(out / "adapter")
+    merged = tuned.merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
+    merged.save_pretrained(out / "merged")
+    tokenizer.save_pretrained(out / "merged")
+    return merged
+
+
 def fine_tuning_stage(cfg: StudyConfig, force: bool = False) -> dict:
     """Notebook 02: base, LoRA control, CFMoE (all layers) and CFMoE+DAFT with the same steps, seed and data."""
     make_deterministic(cfg.seed, cfg.threads)
@@ -211,33 +221,26 @@ def fine_tuning_stage(cfg: StudyConfig, force: bool = False) -> dict:
     save_table(profile, out / "ecr_profile", cfg, threshold=ft.daft_threshold, quantile=ft.daft_quantile,
                selection=selection)
 
-    plans = {"lora_control": ("js", 0.0, None), "cfmoe": (choice["kind"], choice["weight"], None),
+    all_layers = list(range(len(info.layers)))
+    # run -> (locality kind, weight, MoE layers fine-tuned); the control uses no locality loss
+    plans = {"lora_control": ("none", 0.0, all_layers), "cfmoe": (choice["kind"], choice["weight"], all_layers),
              "cfmoe_daft": (choice["kind"], choice["weight"], daft_layers)}
-    rows, per_layer, logs = [], [], []
-    for run in FINETUNE_RUNS:
-        if run == "base":
-            tuned_model, train = lm, None
-        else:
-            kind, weight, layers = plans[run]
-            train = finetune.finetune(copy.deepcopy(lm), blocks, ft, kind=kind, weight=weight, top_k=info.top_k,
-                                      seed=cfg.seed, device=cfg.device, layers=layers)
-            tuned_model = train.model
-            save_dir = finetuned_dir(cfg, run)
-            tuned_model.save_pretrained(save_dir / "adapter")
-            merged = tuned_model.merge_and_unload() if hasattr(tuned_model, "merge_and_unload") else tuned_model
-            merged.save_pretrained(save_dir / "merged")
-            tokenizer.save_pretrained(save_dir / "merged")
-            tuned_model = merged
-            logs += [{**row, "run": run} for row in train.log if "lm_loss" in row]
-        ev = evaluate.test_locality(tuned_model, tokenizer, ft.block_size, cfg.eval.max_test_tokens, cfg.eval.batch_size)
-        rows.append({"run": run, "locality_kind": plans.get(run, ("none",))[0] if run != "lora_control" else "none",
-                     "locality_weight": plans.get(run, (None, 0.0))[1],
-                     "layers_tuned": "none" if run == "base" else ",".join(map(str, plans[run][2] or range(len(info.layers)))),
-                     "trainable_params": train.trainable_params if train else 0,
-                     "train_seconds": train.train_seconds if train else 0.0,
-                     "peak_memory_mb": train.peak_memory_mb if train else float("nan"),
-                     "test_ppl": ev["test_ppl"], "test_ecr": ev["test_ecr"]})
-        per_layer += [{"run": run, "moe_layer": i, "ecr": e} for i, e in enumerate(ev["per_layer_ecr"])]
+    rows, per_layer, logs = [{"run": "base", "locality_kind": "none", "locality_weight": 0.0, "layers_tuned": "",
+                              "trainable_params": 0, "train_seconds": 0.0, "peak_memory_mb": float("nan")}], [], []
+    models = {"base": lm}
+    for run, (kind, weight, layers) in plans.items():
+        train = finetune.finetune(copy.deepcopy(lm), blocks, ft, kind="js" if kind == "none" else kind,
+                                  weight=weight, top_k=info.top_k, seed=cfg.seed, device=cfg.device, layers=layers)
+        models[run] = save_finetuned(cfg, run, train.model, tokenizer)
+        logs += [{**row, "run": run} for row in train.log if "lm_loss" in row]
+        rows.append({"run": run, "locality_kind": kind, "locality_weight": weight,
+                     "layers_tuned": ",".join(map(str, layers)), "trainable_params": train.trainable_params,
+                     "train_seconds": train.train_seconds, "peak_memory_mb": train.peak_memory_mb})
+    for row in rows:
+        ev = evaluate.test_locality(models[row["run"]], tokenizer, ft.block_size, cfg.eval.max_test_tokens,
+                                    cfg.eval.batch_size)
+        row.update(test_ppl=ev["test_ppl"], test_ecr=ev["test_ecr"])
+        per_layer += [{"run": row["run"], "moe_layer": i, "ecr": e} for i, e in enumerate(ev["per_layer_ecr"])]
     runs = pd.DataFrame(rows)
     control = runs.set_index("run").loc["lora_control"]
     runs["ecr_vs_control"] = runs.test_ecr / control.test_ecr - 1
