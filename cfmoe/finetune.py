@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from . import data
 from .config import FinetuneConfig
@@ -73,8 +76,14 @@ def _peak_memory_mb(device: str) -> float:
 
 
 def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: int, seed: int = 0,
-             device: str = "cpu", layers: list[int] | None = None, output_dir: str | None = None) -> FinetuneResult:
-    """Fine-tune `lm` for `ft.steps` steps (LoRA on MoE `layers`, all when None); weight 0 is the control."""
+             device: str = "cpu", layers: list[int] | None = None, output_dir: str | None = None,
+             save_every: int = 0, resume: bool = False) -> FinetuneResult:
+    """Fine-tune `lm` for `ft.steps` steps (LoRA on MoE `layers`, all when None); weight 0 is the control.
+
+    With `output_dir` and `save_every`, checkpoints go to `output_dir` and `resume=True` continues from the
+    last one. A non-finite loss stops training with a FloatingPointError naming the step; the checkpoints
+    written before it are kept.
+    """
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown locality loss kind {kind!r}; valid kinds: {', '.join(LOSS_KINDS)}")
     if weight < 0:
@@ -88,7 +97,8 @@ def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: in
         args = TrainingArguments(
             output_dir=output_dir or scratch, max_steps=ft.steps, per_device_train_batch_size=ft.batch_size,
             learning_rate=ft.learning_rate, warmup_steps=ft.warmup_steps, lr_scheduler_type="cosine",
-            weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, ft.steps // 10), save_strategy="no",
+            weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, ft.steps // 10),
+            save_strategy="steps" if save_every and output_dir else "no", save_steps=save_every or ft.steps,
             seed=seed, data_seed=seed, full_determinism=device == "cpu", use_cpu=device == "cpu",
             bf16=device == "cuda", report_to=[], remove_unused_columns=False, disable_tqdm=True,
         )
@@ -96,7 +106,53 @@ def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: in
         trainer = MoETrainer(model=lm, args=args, train_dataset=blocks, aux_loss_coef=ft.aux_loss_coef,
                              top_k=top_k, extra_losses=extra)
         started = time.perf_counter()
-        trainer.train()
+        last = get_last_checkpoint(output_dir) if resume and output_dir and os.path.isdir(output_dir) else None
+        trainer.train(resume_from_checkpoint=last)
         seconds = time.perf_counter() - started
     lm.eval()
     return FinetuneResult(lm, trainer.state.log_history, seconds, trainable_parameters(lm), _peak_memory_mb(device))
+
+
+def main(argv=None) -> None:
+    """Fine-tune any MoE checkpoint on WikiText-2 validation; runs as is under `torchrun`/`accelerate launch`."""
+    import argparse
+
+    from . import model as model_lib
+    from .config import load_config
+    from .determinism import make_deterministic
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("model", help="a checkpoint directory or hub id")
+    parser.add_argument("out", help="output directory: checkpoints/ and adapter/")
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--kind", default="js", choices=LOSS_KINDS)
+    parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--layers", default="", help="comma-separated MoE layers to fine-tune (default: all)")
+    parser.add_argument("--steps", type=int, default=0, help="override the preset's finetune.steps")
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.preset)
+    ft = dataclasses.replace(cfg.finetune, steps=args.steps or cfg.finetune.steps)
+    make_deterministic(cfg.seed, cfg.threads)
+    lm, tokenizer = model_lib.load_model(args.model, device=cfg.device)
+    from .moe import describe
+
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    checkpoints = f"{args.out}/checkpoints"
+    last = get_last_checkpoint(checkpoints) if args.resume and os.path.isdir(checkpoints) else None
+    if last:
+        print(f"resuming from {last}")
+    result = finetune(lm, finetune_blocks(tokenizer, ft.block_size), ft, args.kind, args.weight,
+                      describe(lm).top_k, cfg.seed, cfg.device, layers, checkpoints,
+                      args.save_every, args.resume)
+    distributed = torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        result.model.save_pretrained(f"{args.out}/adapter")
+        world = torch.distributed.get_world_size() if distributed else 1
+        print(f"step {result.log[-1]['step']}: trained {result.trainable_params:,} parameters on {world} process(es) "
+              f"in {result.train_seconds:.1f}s -> {args.out}/adapter")
+
+
+if __name__ == "__main__":
+    main()

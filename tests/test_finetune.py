@@ -80,3 +80,52 @@ def test_choice_is_best_ecr_within_the_perplexity_budget():
     assert (choice["run"], choice["within_budget"]) == ("c", True)
     fallback = study.choose_locality_loss(sweep.assign(ppl_vs_control=[0, 0, 0.03, 0.05, 0.04]), 0.02)
     assert (fallback["run"], fallback["within_budget"]) == ("a", False)
+
+
+def _finetune_cli(args, nproc=1, timeout=600):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "cfmoe.finetune", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_two_process_cpu_ddp_run_completes(smoke_model_dir, tmp_path):
+    out = _finetune_cli([str(smoke_model_dir), str(tmp_path), "--preset", "smoke", "--steps", "2"], nproc=2)
+    assert "step 2:" in out and "on 2 process(es)" in out
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_training_resumes_from_its_last_checkpoint(smoke_model_dir, tmp_path):
+    _finetune_cli([str(smoke_model_dir), str(tmp_path), "--preset", "smoke", "--steps", "2", "--save-every", "2"])
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+    out = _finetune_cli([str(smoke_model_dir), str(tmp_path), "--preset", "smoke", "--steps", "3",
+                         "--save-every", "2", "--resume"])
+    assert "resuming from" in out and "checkpoint-2" in out and "step 3:" in out
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    lm = tiny_moe("qwen2_moe")
+    ids = np.random.default_rng(0).integers(3, 128, size=(8, 16))
+    blocks = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}).with_format("torch")
+    calls = []
+
+    def explodes_on_third_step(router_logits, batch):
+        calls.append(1)
+        return torch.tensor(float("nan") if len(calls) == 3 else 0.0)
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=5, save_steps=1,
+                             per_device_train_batch_size=2, remove_unused_columns=False, disable_tqdm=True)
+    trainer = MoETrainer(model=lm, args=args, train_dataset=blocks, top_k=2,
+                         extra_losses={"probe": (1.0, explodes_on_third_step)})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: lm_loss=[0-9.]+, probe=nan"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]

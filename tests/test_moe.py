@@ -11,15 +11,6 @@ from tiny_models import ARCHITECTURES, tiny_moe
 F32 = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU contended threads stall for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def expected_expert_bytes(config) -> int:
     """One routed expert's bytes from the config, written out per architecture."""
     h = config.hidden_size

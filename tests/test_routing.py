@@ -13,15 +13,6 @@ from tiny_models import ARCHITECTURES, EOS_ID, PAD_ID, tiny_moe, tiny_tokenizer
 PROMPTS = ["the cat sat", "a", "routing is local, sometimes"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU contended threads stall for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @contextlib.contextmanager
 def experts_calls(model):
     """Independent ground truth: wrap every `*.experts` module's forward to keep the indices it is called with."""
