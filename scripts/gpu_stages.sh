@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# How the committed gpu results are produced on a GPU machine with no Jupyter: the notebooks' own stages,
+# through `python -m cfmoe.study`, into results/<notebook>/gpu/.   Usage: scripts/gpu_stages.sh base_model fine_tuning
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for stage in "$@"; do
+  started=$(date +%s)
+  python3 -m cfmoe.study "$stage" --preset gpu
+  echo "[done] $stage in $(( $(date +%s) - started ))s"
+done
