@@ -176,6 +176,20 @@ def pack_blocks(token_ids: list[list[int]], block_size: int, eos_id: int) -> dic
     }
 
 
+def pack_documents(tokenizer, docs, block_size: int) -> dict[str, np.ndarray]:
+    """Articles (`title`, `text` columns) as the LM sees them, tokenized and packed with document ids."""
+    texts = [document_text(t, x) for t, x in zip(docs["title"], docs["text"])]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return pack_blocks(ids, block_size, tokenizer.eos_token_id)
+
+
+def blocks_dataset(packed: dict[str, np.ndarray]):
+    """Packed blocks as a torch-format `datasets.Dataset`; labels are the inputs (the loss shifts them)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({**packed, "labels": packed["input_ids"]}).with_format("torch")
+
+
 def entry_prompt(title: str) -> str:
     """The authors' WikiText prompt: describe the entry (the article title) in detail."""
     return ENTRY_PROMPT.format(title=title)

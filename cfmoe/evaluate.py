@@ -17,10 +17,7 @@ from .training import causal_lm_loss
 
 def test_blocks(tokenizer, block_size: int, max_tokens: int = 0, split: str = "test") -> dict[str, np.ndarray]:
     """WikiText-2 articles (heading + body, EOS-separated) packed into blocks with document ids."""
-    articles = data.load_wikitext(split)
-    ids = tokenizer([data.document_text(t, x) for t, x in zip(articles["title"], articles["text"])],
-                    add_special_tokens=False)["input_ids"]
-    packed = data.pack_blocks(ids, block_size, tokenizer.eos_token_id)
+    packed = data.pack_documents(tokenizer, data.load_wikitext(split), block_size)
     if max_tokens > 0:
         n = max(1, max_tokens // block_size)
         packed = {k: v[:n] for k, v in packed.items()}

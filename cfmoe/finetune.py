@@ -24,15 +24,9 @@ from .training import MoETrainer
 
 def finetune_blocks(tokenizer, block_size: int, split: str = "validation"):
     """WikiText-2 `split` as plain LM blocks with document ids (the locality loss masks article boundaries)."""
-    import datasets
-
-    articles = data.load_wikitext(split)
     if split == "test":
         raise ValueError("never fine-tune on the WikiText-2 test split; use 'validation'")
-    ids = tokenizer([data.document_text(t, x) for t, x in zip(articles["title"], articles["text"])],
-                    add_special_tokens=False)["input_ids"]
-    packed = data.pack_blocks(ids, block_size, tokenizer.eos_token_id)
-    return datasets.Dataset.from_dict({**packed, "labels": packed["input_ids"]}).with_format("torch")
+    return data.blocks_dataset(data.pack_documents(tokenizer, data.load_wikitext(split), block_size))
 
 
 def locality_term(kind: str, top_k: int):

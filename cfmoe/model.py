@@ -65,19 +65,6 @@ def build_fingerprint(cfg: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def tokenize_documents(tokenizer, docs) -> list[list[int]]:
-    texts = [data.document_text(t, x) for t, x in zip(docs["title"], docs["text"])]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def _blocks_dataset(token_ids, block_size, eos_id):
-    import datasets
-
-    packed = data.pack_blocks(token_ids, block_size, eos_id)
-    # labels are the inputs (the loss shifts them); present so that evaluation reports eval_loss
-    return datasets.Dataset.from_dict({**packed, "labels": packed["input_ids"]}).with_format("torch")
-
-
 def pretrain(cfg: StudyConfig, out_dir: str | Path) -> Path:
     """Train the tokenizer and the base MoE from scratch on the pre-training corpus; save to `out_dir`."""
     out_dir = Path(out_dir)
@@ -94,8 +81,8 @@ def pretrain(cfg: StudyConfig, out_dir: str | Path) -> Path:
     tokenizer = train_tokenizer((data.document_text(t, x) for t, x in zip(train_docs["title"], train_docs["text"])),
                                 cfg.model.vocab_size)
     tokenizer_seconds = time.perf_counter() - started
-    train_blocks = _blocks_dataset(tokenize_documents(tokenizer, train_docs), p.block_size, tokenizer.eos_token_id)
-    heldout_blocks = _blocks_dataset(tokenize_documents(tokenizer, heldout_docs), p.block_size, tokenizer.eos_token_id)
+    train_blocks = data.blocks_dataset(data.pack_documents(tokenizer, train_docs, p.block_size))
+    heldout_blocks = data.blocks_dataset(data.pack_documents(tokenizer, heldout_docs, p.block_size))
 
     torch.manual_seed(cfg.seed)
     lm = Qwen2MoeForCausalLM(build_config(cfg, tokenizer)).to(cfg.device)
