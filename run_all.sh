@@ -53,4 +53,5 @@ for nb in notebooks/[0-9][0-9]_*.ipynb; do
   echo "$want" > "$stamp"
   echo "[done] $name in $(( $(date +%s) - started ))s"
 done
+python -m cfmoe.report > /dev/null  # results/summary.md: the headline table, from the tables above
 echo "[all ] study finished in $(( $(date +%s) - total_started ))s; results under results/"

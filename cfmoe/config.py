@@ -93,6 +93,33 @@ class RouterDesignConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """Notebook 03: WikiText-2 test entries served as requests through simulated expert caches."""
+
+    requests: int = 60  # test entries (prompt = the authors' entry prompt), in file order; 0 = all
+    decode_tokens: int = 256  # article tokens per request, teacher-forced as its decode phase
+    capacity_points: int = 48  # hit-rate curves: capacities at i/capacity_points of the routed experts
+    serving_points: int = 12  # serving-mode comparison: a coarser grid (runs every request one by one)
+    policies: tuple[str, ...] = ("lru", "lfu", "opt", "lopt", "layer_lru")
+    serving_policies: tuple[str, ...] = ("lru", "lopt")
+    batch_sizes: tuple[int, ...] = (1, 4)  # continuous-batching widths for the serving-mode comparison
+    cached_shares: tuple[float, ...] = (0.25, 0.5, 0.75)  # throughput levels: the control at these shares
+    bits_per_param: float = 4.5  # the paper-scale sizes (DeepSeek-MoE-16B in NF4, as the authors)
+
+
+@dataclass(frozen=True)
+class EcrConfig:
+    """Notebook 04: the authors' WikiText protocol, each model generating a description of each test entry."""
+
+    entries: int = 20  # WikiText-2 test entries (article titles), in file order; the authors used 20
+    max_new_tokens: int = 128
+    temperature: float = 0.2  # the authors' sampling
+    top_p: float = 0.9
+    repetition_penalty: float = 1.5  # kept for greedy decoding too, so only sampling differs
+    batch_size: int = 20
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """Everything a notebook needs; frozen so a run cannot change its own inputs half-way."""
 
@@ -106,6 +133,8 @@ class StudyConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     router_design: RouterDesignConfig = field(default_factory=RouterDesignConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    ecr: EcrConfig = field(default_factory=EcrConfig)
 
     @property
     def artifacts_dir(self) -> Path:

@@ -113,3 +113,72 @@ def finetune_curves(log: pd.DataFrame) -> plt.Figure:
     ax_loc.set(ylabel="locality loss", title="locality loss (runs that use it)")
     fig.tight_layout()
     return fig
+
+
+def hit_rate_curves(curves: pd.DataFrame) -> plt.Figure:
+    """Decode hit rate against the share of routed experts cached, per policy (hue) and model (column)."""
+    grid = sns.relplot(data=curves, x="cached_share", y="hit_rate", hue="policy", col="run", row="scope",
+                       kind="line", marker="o", markersize=3, height=3, aspect=1.05,
+                       facet_kws={"margin_titles": True})
+    grid.set_axis_labels("share of routed experts cached", "decode hit rate")
+    grid.figure.suptitle("expert-cache hit rate by policy (rows: one global pool / per-layer pools)", y=1.03)
+    return grid.figure
+
+
+def serving_modes(serving: pd.DataFrame) -> plt.Figure:
+    """Decode hit rate under unified, disaggregated and warm prefill, per model, policy and batch width."""
+    data = serving.assign(setting=serving.policy + ", batch " + serving.batch.astype(str))
+    grid = sns.relplot(data=data, x="cached_share", y="decode_hit_rate", hue="mode", style="mode", col="run",
+                       row="setting", kind="line", marker="o", height=2.6, aspect=1.15,
+                       facet_kws={"margin_titles": True})
+    grid.set_axis_labels("share of routed experts cached", "decode hit rate")
+    grid.figure.suptitle("prefill through the decode cache (unified) or a staging buffer (disaggregated)", y=1.02)
+    return grid.figure
+
+
+def memory_throughput(throughput: pd.DataFrame, saved: pd.DataFrame) -> plt.Figure:
+    """The paper's figure: decode tokens/s against fast memory, control vs CFMoE, per device and policy."""
+    data = throughput[(throughput.scope == "global") & throughput.run.isin(["lora_control", "cfmoe"])]
+    data = data[data.policy.isin(["lru", "lopt", "opt"])]
+    grid = sns.relplot(data=data, x="memory_gb", y="tokens_per_s", hue="run", style="policy", col="device",
+                       kind="line", height=3.6, aspect=1.2, facet_kws={"sharey": False})
+    for ax, device in zip(grid.axes.flat, grid.col_names):
+        for _, row in saved[(saved.device == device) & (saved.policy == "lru")].iterrows():
+            ax.annotate("", xy=(row.memory_cfmoe_gb, row.tokens_per_s), xytext=(row.memory_base_gb, row.tokens_per_s),
+                        arrowprops={"arrowstyle": "->", "color": "C3"})
+    grid.set_axis_labels("fast memory (GB)", "decode tokens/s (cost model)")
+    grid.figure.suptitle(f"memory at equal throughput, {data.sizes.iloc[0]} (arrows: LRU, memory saved)", y=1.03)
+    return grid.figure
+
+
+def ecr_distributions(samples: pd.DataFrame, k_over_e: float) -> plt.Figure:
+    """Per-sample decode ECR, GDS and LAL of generated text, per model and decoding."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, column, label in zip(axes, ("decode_ecr", "decode_gds", "decode_lal"), ("ECR", "GDS", "LAL")):
+        sns.boxplot(data=samples, x="run", y=column, hue="decoding", ax=ax, fliersize=2)
+        sns.stripplot(data=samples, x="run", y=column, hue="decoding", dodge=True, ax=ax, size=2.5,
+                      palette=dict.fromkeys(samples.decoding.unique(), "black"), legend=False)
+        ax.set(xlabel="", ylabel=f"{label} of generated tokens", title=f"{label} per sample")
+        ax.tick_params(axis="x", rotation=20)
+    axes[0].axhline(k_over_e, ls="--", color="grey", label="k/E")
+    axes[0].legend(fontsize="small")
+    for ax in axes[1:]:
+        ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def per_layer_heatmaps(per_layer: pd.DataFrame) -> plt.Figure:
+    """Decode ECR per sample (rows) and MoE layer (columns), one heatmap per model; sampled decoding."""
+    data = per_layer[per_layer.decoding == "sampled"]
+    runs = list(dict.fromkeys(data.run))
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs) + 1, 4.5), sharey=True)
+    vmax = float(np.nanmax(data.ecr))
+    for i, (ax, run) in enumerate(zip(np.atleast_1d(axes), runs)):
+        grid = data[data.run == run].pivot(index="entry", columns="moe_layer", values="ecr")
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=vmax, cmap="viridis", cbar=i == len(runs) - 1,
+                    cbar_kws={"label": "decode ECR"})
+        ax.set(title=run, xlabel="MoE layer", ylabel="entry" if i == 0 else "")
+    fig.suptitle("per-layer ECR of generated text (sampled decoding)")
+    fig.tight_layout()
+    return fig

@@ -182,3 +182,154 @@ def simulate_requests(traces, n_experts: int, policy: str, capacity: int, expert
             state = result.final
             rows.append({"request": index} | result.row())
     return pd.DataFrame(rows)
+
+
+def _schedule(lengths: list[int], batch: int) -> list[tuple[list[int], list[list[tuple[int, int]]]]]:
+    """Continuous batching: segments of (requests admitted, then decode steps of (request, token) pairs).
+
+    Up to `batch` requests decode together, one token each per step; a finished request's slot goes to the
+    next request in order, which is prefilled before the following step. Each segment runs from one
+    admission to the next.
+    """
+    queue, active, segments = list(range(len(lengths))), [], []
+    position = [0] * len(lengths)
+    while queue or active:
+        admitted = []
+        while queue and len(active) < batch:
+            request = queue.pop(0)
+            admitted.append(request)
+            if lengths[request]:
+                active.append(request)
+        steps = []
+        while active and (len(active) == batch or not queue):
+            steps.append([(r, position[r]) for r in active])
+            for r in active:
+                position[r] += 1
+            active = [r for r in active if position[r] < lengths[r]]
+            if len(active) < batch and queue:
+                break
+        segments.append((admitted, steps))
+    return segments
+
+
+def _step_keys(step, decodes, n_experts: int) -> np.ndarray:
+    """Keys one batched decode step needs: per layer in order, the union of its tokens' experts, each once, in
+    the order the tokens (then their router slots) first ask for them; one token gives its `access_keys`."""
+    experts = np.stack([decodes[r][t] for r, t in step]).astype(np.int64)  # (tokens, layers, k)
+    layer_major = experts.transpose(1, 0, 2) + (np.arange(experts.shape[1]) * n_experts)[:, None, None]
+    return pd.unique(layer_major.reshape(-1))
+
+
+@dataclass(frozen=True, eq=False)
+class ServingPlan:
+    """The cache keys of a continuously batched run, which depend only on the traces, `n_experts` and `batch`:
+    per segment (one admission to the next) the admitted requests, each one's prefill keys, and the decode
+    keys with the length and token count of each step. Build once, simulate under many caches."""
+
+    batch: int
+    n_experts: int
+    n_layers: int
+    top_k: int
+    prompts: list  # (n_prompt, n_layers, k) experts per request
+    segments: list  # (admitted, needed keys per admitted, decode keys, keys per step, tokens per step)
+
+
+def serving_plan(traces, n_experts: int, batch: int = 1) -> ServingPlan:
+    """Schedule `traces` (requests in arrival order) with continuous batching of width `batch`."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    pairs = [trace if isinstance(trace, tuple) else (trace.experts, trace.phase) for trace in traces]
+    if not pairs:
+        raise ValueError("traces is empty; pass at least one (experts, phase) request")
+    prompts, decodes = [], []
+    for experts, phase in pairs:
+        experts, phase = np.asarray(experts), np.asarray(phase)
+        if experts.ndim != 3 or phase.shape != experts.shape[:1]:
+            raise ValueError(f"each request needs experts (n_tokens, n_layers, k) and one phase per token, got "
+                             f"shapes {experts.shape} and {phase.shape}")
+        n_prompt = int(np.count_nonzero(phase == 0))
+        prompts.append(experts[:n_prompt])
+        decodes.append(experts[n_prompt:])
+    segments = []
+    for admitted, steps in _schedule([len(d) for d in decodes], int(batch)):
+        step_keys = [_step_keys(step, decodes, n_experts) for step in steps]
+        segments.append((admitted, [prefill_keys(prompts[r], n_experts) for r in admitted],
+                         np.concatenate(step_keys) if step_keys else np.zeros(0, np.int64),
+                         np.array([keys.size for keys in step_keys], np.int64),
+                         np.array([len(step) for step in steps], np.int64)))
+    n_layers, k = pairs[0][0].shape[1:]
+    return ServingPlan(int(batch), n_experts, n_layers, k, prompts, segments)
+
+
+def simulate_serving(traces, n_experts: int, policy: str, capacity: int, mode: str, expert_bytes: float, *,
+                     batch: int = 1, scope: str = "global", lookahead: int | None = None,
+                     profile: DeviceProfile | None = None, resident_bytes: float = 0.0, warm_tokens: int = 8,
+                     warm_decay: float = 0.5) -> dict:
+    """Serve `traces` in order with continuous batching of `batch` requests through one expert cache.
+
+    A batched decode step needs, per layer, the union of its tokens' experts (each read once). When a request
+    is admitted its prefill runs before the next step: in `unified` mode through the decode cache, evicting
+    the working set of the requests still decoding; in the disaggregated modes through the staging buffer,
+    leaving the decode cache as it was (`disaggregated_warm` then seeds it from the prompt, see
+    `simulate_request`). With batch 1 this is `simulate_requests(..., carry=True)` summed. Offline policies
+    (OPT, LOPT) see the future up to the next admission. `traces` may be a `serving_plan` (then its batch
+    width is used). Returns one summary row.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    plan = traces if isinstance(traces, ServingPlan) else serving_plan(traces, n_experts, batch)
+    if plan.n_experts != n_experts:
+        raise ValueError(f"the plan was built for n_experts={plan.n_experts}, got n_experts={n_experts}")
+    n_layers, k, prompts = plan.n_layers, plan.top_k, plan.prompts
+    options = {"lookahead": default_lookahead(n_layers, k) if lookahead is None else lookahead,
+               "scope": scope, "n_experts": n_experts}
+    mem = io = float("nan")
+    if profile is not None:
+        mem, io = profile.mem_bandwidth_gbps * 1e9, profile.io_bandwidth_gbps * 1e9
+    state = None
+    totals = dict(prefill_hits=0, prefill_accesses=0, decode_hits=0, decode_misses=0, decode_steps=0,
+                  decode_tokens=0, prefill_s=0.0, decode_s=0.0)
+    for admitted, needed, decode_keys, step_sizes, step_tokens in plan.segments:
+        prefill_hits = []
+        if mode == "unified":
+            keys = np.concatenate([*needed, decode_keys])
+            run = simulate_cache(keys, policy, capacity, initial=state, **options) if keys.size else state
+            mask = run.hits_mask if keys.size else np.zeros(0, bool)
+            ends = np.cumsum([n.size for n in needed])
+            prefill_hits = [int(np.count_nonzero(part)) for part in np.split(mask[:ends[-1] if len(ends) else 0],
+                                                                                    ends[:-1])]
+            decode_mask = mask[sum(n.size for n in needed):]
+        else:
+            current = state.final_keys if isinstance(state, CacheResult) else np.zeros(0, np.int64)
+            for r, keys in zip(admitted, needed):
+                prefill_hits.append(int(np.count_nonzero(np.isin(keys, current))))
+                if mode == "disaggregated_warm":
+                    seeds = warm_seed(prompts[r], n_experts, capacity, scope, warm_tokens, warm_decay)
+                    current = _with_seeds(current, seeds, capacity, scope, n_experts)
+            initial = current if mode == "disaggregated_warm" else state
+            run = simulate_cache(decode_keys, policy, capacity, initial=initial, **options) if decode_keys.size \
+                else state
+            decode_mask = run.hits_mask if decode_keys.size else np.zeros(0, bool)
+        state = run
+        for keys, hits in zip(needed, prefill_hits):
+            totals["prefill_hits"] += hits
+            totals["prefill_accesses"] += keys.size
+            totals["prefill_s"] += (resident_bytes + hits * expert_bytes) / mem + (keys.size - hits) * expert_bytes / io
+        if step_sizes.size:
+            step_hits = np.add.reduceat(decode_mask.astype(np.int64), np.r_[0, np.cumsum(step_sizes)[:-1]])
+            step_misses = step_sizes - step_hits
+            totals["decode_hits"] += int(step_hits.sum())
+            totals["decode_misses"] += int(step_misses.sum())
+            totals["decode_steps"] += int(step_sizes.size)
+            totals["decode_tokens"] += int(step_tokens.sum())
+            totals["decode_s"] += float(np.sum((resident_bytes + step_hits * expert_bytes) / mem
+                                               + step_misses * expert_bytes / io))
+    slots = capacity * (n_layers if scope == "per_layer" else 1) + (0 if mode == "unified" else n_experts)
+    accesses = totals["decode_hits"] + totals["decode_misses"]
+    return {"mode": mode, "policy": policy, "capacity": capacity, "scope": scope, "batch": plan.batch,
+            "requests": len(prompts), **totals,
+            "decode_hit_rate": totals["decode_hits"] / accesses if accesses else float("nan"),
+            "prefill_loaded_bytes": (totals["prefill_accesses"] - totals["prefill_hits"]) * expert_bytes,
+            "decode_loaded_bytes": totals["decode_misses"] * expert_bytes,
+            "peak_memory_bytes": resident_bytes + slots * expert_bytes,
+            "decode_tokens_per_s": totals["decode_tokens"] / totals["decode_s"] if totals["decode_s"] else float("nan")}

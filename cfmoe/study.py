@@ -255,6 +255,19 @@ def fine_tuning_stage(cfg: StudyConfig, force: bool = False) -> dict:
             "choice": choice, "info": info}
 
 
+def load_runs(cfg: StudyConfig) -> tuple[dict, object]:
+    """The base model and notebook 02's merged fine-tuned models, by run name, plus the tokenizer."""
+    lm, tokenizer = load_base(cfg)
+    models = {"base": lm}
+    for run in FINETUNE_RUNS[1:]:
+        path = finetuned_dir(cfg, run) / "merged"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is missing: run notebook 02 (fine-tuning) for preset "
+                                    f"{cfg.preset!r} first")
+        models[run] = model.load_model(path, device=cfg.device)[0]
+    return models, tokenizer
+
+
 def fine_tuning_figures(cfg: StudyConfig, results: dict) -> None:
     """Figures of notebook 02, drawn from the stage's tables."""
     from . import plots
@@ -265,21 +278,27 @@ def fine_tuning_figures(cfg: StudyConfig, results: dict) -> None:
     save_figure(plots.finetune_curves(results["log"]), out / "training_curves", cfg)
 
 
-STAGES = {"base_model": (base_model_stage, base_model_figures),
-          "router_design": (router_design_stage, router_design_figures),
-          "fine_tuning": (fine_tuning_stage, fine_tuning_figures)}
+def stages() -> dict:
+    """Stage name -> (compute, draw), in chain order."""
+    from . import cache_study, ecr_study
+
+    return {"base_model": (base_model_stage, base_model_figures),
+            "router_design": (router_design_stage, router_design_figures),
+            "fine_tuning": (fine_tuning_stage, fine_tuning_figures),
+            "cache_management": (cache_study.cache_management_stage, cache_study.cache_management_figures),
+            "ecr_wikitext": (ecr_study.ecr_wikitext_stage, ecr_study.ecr_wikitext_figures)}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("stage", choices=list(stages()))
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--model-path", default="")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     cfg = load_config(args.preset, model_path=args.model_path or None, seed=args.seed)
-    compute, draw = STAGES[args.stage]
+    compute, draw = stages()[args.stage]
     results = compute(cfg, force=args.force)
     draw(cfg, results)
     print(f"stage {args.stage} ({cfg.preset}) written to results/")

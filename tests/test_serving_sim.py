@@ -5,7 +5,8 @@ import pytest
 
 from cfmoe.cache import simulate_cache
 from cfmoe.costmodel import custom_profile
-from cfmoe.serving_sim import MODES, prefill_keys, simulate_request, simulate_requests, warm_seed
+from cfmoe.serving_sim import (MODES, _schedule, _step_keys, prefill_keys, simulate_request, simulate_requests,
+                                simulate_serving, warm_seed)
 
 # n_experts 4, 2 layers, k 1. Prompt: layer 0 uses {0, 1}, layer 1 uses {1} -> keys 0, 1, 5.
 # Decode: two tokens using expert 1 in both layers -> keys 1, 5, 1, 5.
@@ -125,3 +126,53 @@ def test_errors_name_the_bad_value(kwargs, message):
             "mode": "unified", "expert_bytes": 1.0} | kwargs
     with pytest.raises(ValueError, match=message):
         simulate_request(**args)
+
+
+def random_requests(rng, n=5, n_layers=3, n_experts=8, k=2):
+    requests = []
+    for _ in range(n):
+        n_prompt, n_decode = rng.integers(1, 6), rng.integers(1, 12)
+        experts = np.stack([np.stack([rng.choice(n_experts, k, replace=False) for _ in range(n_layers)])
+                            for _ in range(n_prompt + n_decode)])
+        requests.append((experts, np.repeat(np.uint8([0, 1]), [n_prompt, n_decode])))
+    return requests
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "opt", "lopt", "layer_lru"])
+@pytest.mark.parametrize("mode", MODES)
+def test_serving_one_at_a_time_is_the_sum_of_carried_requests(policy, mode):
+    rng = np.random.default_rng(3)
+    requests = random_requests(rng)
+    device = custom_profile("toy", mem_bandwidth_gbps=2, io_bandwidth_gbps=0.5)
+    kwargs = dict(profile=device, resident_bytes=1e9, lookahead=6)
+    rows = simulate_requests(requests, 8, policy, 5, 1e9, modes=[mode], **kwargs)
+    served = simulate_serving(requests, 8, policy, 5, mode, 1e9, batch=1, **kwargs)
+    assert served["decode_hits"] == rows.decode_hits.sum() and served["decode_misses"] == rows.decode_misses.sum()
+    assert served["prefill_loaded_bytes"] == rows.prefill_loaded_bytes.sum()
+    assert served["decode_s"] == pytest.approx(rows.decode_s.sum())
+    assert served["prefill_s"] == pytest.approx(rows.prefill_s.sum())
+    assert served["decode_tokens"] == rows.decode_tokens.sum() == served["decode_steps"]
+
+
+def test_batched_schedule_and_step_keys():
+    # requests decode 3, 1 and 2 tokens with batch 2: steps (0,1), then 2 is admitted and steps (0,2), (0,2)
+    assert _schedule([3, 1, 2], 2) == [([0, 1], [[(0, 0), (1, 0)]]), ([2], [[(0, 1), (2, 0)], [(0, 2), (2, 1)]])]
+    assert _schedule([0, 2], 2) == [([0, 1], [[(1, 0)], [(1, 1)]])]
+    # two tokens of 2 layers, k 2, n_experts 4: layer 0 uses {3, 1} then {1, 2}: 3, 1, 2; layer 1: 0, then 4 + 0..
+    decodes = {0: np.array([[[3, 1], [0, 2]]]), 1: np.array([[[1, 2], [2, 3]]])}
+    assert _step_keys([(0, 0), (1, 0)], decodes, 4).tolist() == [3, 1, 2, 4, 6, 7]
+
+
+def test_batched_serving_charges_union_reads_and_prefill_pollution():
+    # request 0 decodes expert 1 (one layer, k 1) for 6 tokens; request 1's prompt needs experts 2 and 3
+    a = (np.array([[[0]]] + [[[1]]] * 6), np.uint8([0] + [1] * 6))
+    b = (np.array([[[2]], [[3]], [[1]]]), np.uint8([0, 0, 1]))
+    c = (np.array([[[2]], [[3]], [[1]]]), np.uint8([0, 0, 1]))
+    unified = simulate_serving([a, b, c], 4, "lru", 2, "unified", 1.0, batch=2)
+    split = simulate_serving([a, b, c], 4, "lru", 2, "disaggregated", 1.0, batch=2)
+    # batch 2: a and b admitted (prefill 0, then 2, 3), both decode expert 1: one access per step
+    assert unified["decode_tokens"] == 8 and unified["decode_steps"] == 6
+    # unified: prefills leave {2, 3}; 1 misses; after b finishes, c's prefill (2, 3) evicts 1 -> a misses again
+    assert (unified["decode_hits"], unified["decode_misses"]) == (4, 2)
+    assert (split["decode_hits"], split["decode_misses"]) == (5, 1)
+    assert split["prefill_loaded_bytes"] == 5 and unified["prefill_loaded_bytes"] == 5

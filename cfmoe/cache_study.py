@@ -1,0 +1,225 @@
+"""Notebook 03's stage: WikiText-2 test entries served through simulated expert caches, and the memory saved.
+
+    python -m cfmoe.study cache_management --preset cpu
+
+Requests. Each of the first `cache.requests` WikiText-2 test entries is one request: the authors' entry
+prompt is its prefill and the first `cache.decode_tokens` tokens of the article its decode, teacher-forced.
+Teacher forcing gives exactly the routing the model would use while generating that text (a tested property
+of `routing.trace_generate`), so every model is measured on the same real text rather than on its own
+samples (notebook 04 measures generated text).
+
+Hit rates. `hit_rate_curves`: the decode accesses of all requests in order through one cache (prefill
+disaggregated, so it never touches the decode cache), per policy, scope and capacity. `serving_modes`:
+requests one after another, or continuously batched, under unified / disaggregated / warm prefill.
+Throughput. The authors' cost model turns hit rates into decode tokens/s: at the paper's scale (DeepSeek-
+MoE-16B in 4.5-bit, capacities as the same share of its routed experts) and at our own model's sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import cache, costmodel, data, metrics, model, moe, routing, serving_sim
+from . import study
+from .config import StudyConfig
+from .determinism import make_deterministic
+from .provenance import save_figure, save_table
+
+CACHE_MANAGEMENT = "03_cache_management"
+DEVICES = ("cpu", "npu")
+PAPER_MEMORY_SAVED = 0.357  # the authors' mean memory saved at equal decode throughput
+
+
+def request_inputs(tokenizer, n_requests: int, decode_tokens: int, max_positions: int) -> list[dict]:
+    """Token ids of each request: the entry prompt (prefill) then the article's first tokens (decode)."""
+    task = data.entry_task("test")
+    n = len(task) if n_requests <= 0 else min(n_requests, len(task))
+    requests = []
+    for row in task.select(range(n)):
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        room = min(decode_tokens, max_positions - len(prompt))
+        if room < 2:
+            raise ValueError(f"prompt of {row['title']!r} has {len(prompt)} tokens, leaving {room} of the model's "
+                             f"{max_positions} positions for decode; lower cache.decode_tokens or use a longer model")
+        article = tokenizer(row["target"], add_special_tokens=False)["input_ids"][:room]
+        requests.append({"title": row["title"], "prompt": prompt, "decode": article})
+    return requests
+
+
+@torch.no_grad()
+def request_traces(lm, requests: list[dict], pad_id: int, batch_size: int = 8) -> list[routing.RoutingTrace]:
+    """Teacher-forced routing of each request, prompt tokens labelled prefill and article tokens decode."""
+    traces = []
+    for start in range(0, len(requests), batch_size):
+        batch = [r["prompt"] + r["decode"] for r in requests[start:start + batch_size]]
+        width = max(map(len, batch))
+        ids = torch.tensor([seq + [pad_id] * (width - len(seq)) for seq in batch])
+        mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch])
+        for request, trace in zip(requests[start:], routing.trace_forward(lm, ids, mask)):
+            trace.phase[len(request["prompt"]):] = routing.DECODE
+            trace.meta["title"] = request["title"]
+            traces.append(trace)
+    return traces
+
+
+def capacity_grid(n_routed: int, points: int, shares) -> np.ndarray:
+    """Capacities at i/points of the routed experts (i = 1..points) plus those of the throughput levels."""
+    grid = np.rint(np.linspace(0, n_routed, points + 1)[1:]).astype(int)
+    return np.unique(np.r_[grid, level_capacities(n_routed, shares)].clip(1, n_routed))
+
+
+def level_capacities(n_routed: int, shares) -> np.ndarray:
+    return np.rint(np.asarray(shares) * n_routed).astype(int).clip(1, n_routed)
+
+
+def hit_rate_curves(traces: dict, n_experts: int, n_layers: int, top_k: int, capacities, per_layer_capacities,
+                    policies) -> pd.DataFrame:
+    """Decode hit rate of every model, policy and capacity, with one global pool and with per-layer pools."""
+    rows = []
+    lookahead = cache.default_lookahead(n_layers, top_k)
+    for run, run_traces in traces.items():
+        keys = np.concatenate([cache.access_keys(t.decode.experts, n_experts) for t in run_traces])
+        for scope, grid in (("global", capacities), ("per_layer", per_layer_capacities)):
+            curve = cache.hit_rate_curve(keys, list(policies), grid, lookahead=lookahead, scope=scope,
+                                         n_experts=n_experts)
+            slots = curve.capacity * (n_layers if scope == "per_layer" else 1)
+            rows.append(curve.assign(run=run, scope=scope, cached_share=slots / (n_layers * n_experts)))
+    return pd.concat(rows, ignore_index=True)
+
+
+def serving_modes(traces: dict, n_experts: int, capacities, policies, batch_sizes, sizes: costmodel.ModelSizes,
+                  profile: costmodel.DeviceProfile) -> pd.DataFrame:
+    """Every request served in order under each prefill mode, policy, batch width and capacity."""
+    rows = []
+    for run, run_traces in traces.items():
+        for batch in batch_sizes:
+            plan = serving_sim.serving_plan([(t.experts, t.phase) for t in run_traces], n_experts, int(batch))
+            for policy in policies:
+                for capacity in capacities:
+                    for mode in serving_sim.MODES:
+                        row = serving_sim.simulate_serving(plan, n_experts, policy, int(capacity), mode,
+                                                           sizes.expert_bytes, profile=profile,
+                                                           resident_bytes=sizes.resident_bytes)
+                        rows.append({"run": run, **row, "cached_share": capacity / sizes.n_routed})
+    return pd.DataFrame(rows)
+
+
+def throughput_curves(curves: pd.DataFrame, sizes: costmodel.ModelSizes, n_routed: int) -> pd.DataFrame:
+    """Tokens/s against memory for each hit-rate curve and device, at `sizes`' scale.
+
+    A capacity is carried over as the same share of the routed experts, so `sizes` may be a larger model of
+    the same routing geometry (the paper's DeepSeek-MoE-16B).
+    """
+    frames = []
+    for device in DEVICES:
+        for keys, group in curves.groupby(["run", "policy", "scope"], sort=False):
+            share = group.cached_share.to_numpy()
+            tp = costmodel.throughput_curve(sizes, costmodel.PROFILES[device],
+                                            share * sizes.n_routed, group.hit_rate.to_numpy())
+            frames.append(tp.assign(run=keys[0], policy=keys[1], scope=keys[2], device=device,
+                                    cached_share=share, sizes=sizes.name))
+    return pd.concat(frames, ignore_index=True)
+
+
+def memory_saved(throughput: pd.DataFrame, shares, baseline=("lora_control", "lru"),
+                 candidate=("cfmoe", "lru")) -> pd.DataFrame:
+    """Memory the candidate (run, policy) needs at the tokens/s the baseline reaches with `shares` of its
+    routed experts cached, per device; global scope. Same-policy rows when the policies are equal."""
+    rows = []
+    tp = throughput[throughput.scope == "global"]
+    for device in DEVICES:
+        on = tp[tp.device == device]
+        base = on[(on.run == baseline[0]) & (on.policy == baseline[1])].sort_values("capacity")
+        cand = on[(on.run == candidate[0]) & (on.policy == candidate[1])].sort_values("capacity")
+        at_levels = base.set_index(np.round(base.cached_share, 6)).loc[np.round(np.asarray(shares, float), 6)]
+        saved = costmodel.memory_at_equal_throughput(base, cand, at_levels.tokens_per_s.to_numpy())
+        rows.append(pd.DataFrame({
+            "device": device, "policy": baseline[1] if baseline[1] == candidate[1] else f"{baseline[1]}->{candidate[1]}",
+            "cached_share": np.asarray(shares, float), "tokens_per_s": saved.tokens_per_s,
+            "memory_base_gb": saved.memory_a, "memory_cfmoe_gb": saved.memory_b, "memory_saved": saved.saved}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def combinations(throughput: pd.DataFrame, serving: pd.DataFrame, shares, sizes, n_routed: int) -> pd.DataFrame:
+    """Mean memory saved (over devices and levels) by each model x policy x prefill-mode combination, against
+    the control under plain LRU (unified prefill, one request at a time): which combination reaches 35.7%."""
+    single = serving[serving.batch == serving.batch.min()].rename(columns={"decode_hit_rate": "hit_rate"})
+    single = single.assign(policy=single.policy + "/" + single["mode"], scope="global")
+    served = throughput_curves(single[["run", "policy", "scope", "capacity", "hit_rate", "cached_share"]],
+                               sizes, n_routed)
+    rows = []
+    baselines = {"decode-only curves": (throughput, ("lora_control", "lru")),
+                 "served requests": (served, ("lora_control", "lru/unified"))}
+    for source, (table, baseline) in baselines.items():
+        for run in ("cfmoe", "cfmoe_daft"):
+            for policy in table.policy.unique():
+                saved = memory_saved(table, shares, baseline, (run, policy))
+                rows.append({"source": source, "baseline": f"{baseline[0]} {baseline[1]}", "model": run,
+                             "policy": policy, "mean_memory_saved": saved.memory_saved.mean(),
+                             "max_memory_saved": saved.memory_saved.max(), "levels": int(saved.memory_saved.notna().sum())})
+    return pd.DataFrame(rows).sort_values(["source", "mean_memory_saved"], ascending=[True, False], ignore_index=True)
+
+
+def cache_management_stage(cfg: StudyConfig, force: bool = False) -> dict:
+    """Notebook 03: traces of the four models, hit-rate curves, serving modes, memory at equal throughput."""
+    make_deterministic(cfg.seed, cfg.threads)
+    out = cfg.results_dir(CACHE_MANAGEMENT)
+    cc = cfg.cache
+    models, tokenizer = study.load_runs(cfg)
+    info = moe.describe(models["base"])
+    n_layers, n_experts, top_k = len(info.layers), info.n_experts, info.top_k
+    n_routed = n_layers * n_experts
+    max_positions = models["base"].config.max_position_embeddings
+    requests = request_inputs(tokenizer, cc.requests, cc.decode_tokens, max_positions)
+    traces = {run: request_traces(lm, requests, tokenizer.pad_token_id, cfg.eval.batch_size)
+              for run, lm in models.items()}
+
+    summary = pd.DataFrame([{
+        "run": run, "requests": len(ts), "prefill_tokens": sum(int((t.phase == 0).sum()) for t in ts),
+        "decode_tokens": sum(int((t.phase == 1).sum()) for t in ts),
+        "decode_ecr": float(np.mean([metrics.expert_consistency_rate(t.decode.experts) for t in ts])),
+        "prefill_experts_per_layer": float(np.mean([len(serving_sim.prefill_keys(t.prefill.experts, n_experts))
+                                                    / n_layers for t in ts])),
+    } for run, ts in traces.items()])
+
+    levels = level_capacities(n_routed, cc.cached_shares) / n_routed  # shares of whole experts
+    capacities = capacity_grid(n_routed, cc.capacity_points, cc.cached_shares)
+    per_layer_caps = np.unique(np.rint(capacities / n_layers).astype(int).clip(1, n_experts))
+    curves = hit_rate_curves(traces, n_experts, n_layers, top_k, capacities, per_layer_caps, cc.policies)
+
+    own = costmodel.from_describe(info)
+    paper = costmodel.deepseek_moe_16b(cc.bits_per_param)
+    # the serving grid is coarse, with three extra points at the low end, where a local model needs little
+    low = np.rint(n_routed * np.arange(1, 4) / (4 * cc.serving_points)).astype(int).clip(1)
+    serving_caps = np.union1d(capacity_grid(n_routed, cc.serving_points, cc.cached_shares), low)
+    serving = serving_modes(traces, n_experts, serving_caps, cc.serving_policies, cc.batch_sizes, own,
+                            costmodel.PROFILES["cpu"])
+    throughput = {s.name: throughput_curves(curves, s, n_routed) for s in (paper, own)}
+    saved = {name: pd.concat([memory_saved(tp, levels, ("lora_control", p), ("cfmoe", p))
+                              for p in cc.policies], ignore_index=True) for name, tp in throughput.items()}
+    combos = combinations(throughput[paper.name], serving, levels, paper, n_routed)
+
+    extra = {"sizes": {s.name: vars(s) for s in (paper, own)}, "devices": {d: vars(costmodel.PROFILES[d])
+                                                                              for d in DEVICES}}
+    save_table(summary, out / "requests", cfg)
+    save_table(curves, out / "hit_rate_curves", cfg, lookahead=cache.default_lookahead(n_layers, top_k))
+    save_table(serving, out / "serving_modes", cfg, **extra)
+    save_table(pd.concat(throughput.values(), ignore_index=True), out / "throughput_curves", cfg, **extra)
+    save_table(saved[paper.name], out / "memory_at_equal_throughput", cfg, **extra)
+    save_table(saved[own.name], out / "memory_at_equal_throughput_own_sizes", cfg, **extra)
+    save_table(combos, out / "memory_saved_combinations", cfg, **extra)
+    return {"summary": summary, "curves": curves, "serving": serving, "throughput": throughput[paper.name],
+            "saved": saved[paper.name], "saved_own": saved[own.name], "combinations": combos, "info": info,
+            "paper_sizes": paper, "own_sizes": own}
+
+
+def cache_management_figures(cfg: StudyConfig, results: dict) -> None:
+    """Figures of notebook 03, drawn from the stage's tables."""
+    from . import plots
+
+    out = cfg.results_dir(CACHE_MANAGEMENT)
+    save_figure(plots.hit_rate_curves(results["curves"]), out / "hit_rate_curves", cfg)
+    save_figure(plots.serving_modes(results["serving"]), out / "serving_modes", cfg)
+    save_figure(plots.memory_throughput(results["throughput"], results["saved"]), out / "memory_throughput", cfg)

@@ -1,0 +1,146 @@
+"""Notebook 04's stage: the authors' WikiText protocol on generated text, and their evaluation table.
+
+    python -m cfmoe.study ecr_wikitext --preset cpu
+
+Each model is asked to describe each of the first `ecr.entries` WikiText-2 test entries (the authors' prompt
+with the article title) and generates with the authors' sampling (temperature 0.2, top-p 0.9, repetition
+penalty 1.5) and greedily (same penalty, no sampling). The routing of prefill and decode is recorded; ECR is
+over the generated tokens (decode) and over the whole sequence, GDS over the router probabilities of decode,
+LAL over decode. Quality: each model's teacher-forced perplexity of every entry's article given its prompt,
+and distinct-n / repeated 4-grams of what it generated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import data, metrics, moe, routing, study, textquality
+from .config import StudyConfig
+from .determinism import make_deterministic
+from .provenance import save_figure, save_table
+
+ECR_WIKITEXT = "04_ecr_wikitext"
+# the authors' released WikiText table: 20 samples from DeepSeek-MoE-16B (k/E = 6/64)
+PAPER = {"model": "DeepSeek-MoE-16B (authors)", "k_over_e": 6 / 64, "ecr_baseline": 0.3255, "ecr_cfmoe": 0.4420}
+
+
+def decoding_settings(cfg: StudyConfig) -> dict[str, dict]:
+    """generate() arguments of the two decoding settings."""
+    e = cfg.ecr
+    return {"sampled": {"do_sample": True, "temperature": e.temperature, "top_p": e.top_p,
+                        "repetition_penalty": e.repetition_penalty},
+            "greedy": {"do_sample": False, "repetition_penalty": e.repetition_penalty}}
+
+
+def generate_entries(lm, tokenizer, prompts: list[str], settings: dict, max_new_tokens: int, batch_size: int,
+                     seed: int) -> list[routing.RoutingTrace]:
+    """Routing traces of generating from each prompt (seeded, so sampling repeats exactly)."""
+    torch.manual_seed(seed)
+    traces = []
+    for start in range(0, len(prompts), batch_size):
+        traces += routing.trace_generate(lm, tokenizer, prompts[start:start + batch_size], record_probs=True,
+                                         max_new_tokens=max_new_tokens, **settings)
+    return traces
+
+
+def sample_rows(traces, tokenizer, titles, prompts, run: str, decoding: str, top_k: int, n_experts: int):
+    """One row per generated sample, and per-layer decode ECR rows."""
+    rows, per_layer = [], []
+    for i, (trace, title, prompt) in enumerate(zip(traces, titles, prompts)):
+        decode = trace.decode
+        tokens = decode.token_ids
+        layer_ecr = (metrics.expert_consistency_rate(decode.experts, per_layer=True) if decode.n_tokens > 1
+                     else np.full(trace.n_layers, np.nan))
+        rows.append({"entry": i, "title": title, "run": run, "decoding": decoding, "input": prompt,
+                     "output": tokenizer.decode(tokens, skip_special_tokens=True),
+                     "generated_tokens": int(decode.n_tokens), "decode_ecr": float(np.mean(layer_ecr)),
+                     "sequence_ecr": float(metrics.expert_consistency_rate(trace.experts)),
+                     "decode_gds": float(metrics.gate_distribution_similarity(decode.probs.astype(np.float32)))
+                     if decode.n_tokens > 1 else np.nan,
+                     "decode_lal": float(metrics.layer_aware_locality(decode.experts)) if decode.n_tokens > 1
+                     else np.nan,
+                     "distinct_1": textquality.distinct_n(tokens, 1), "distinct_2": textquality.distinct_n(tokens, 2),
+                     "repeated_4gram_rate": textquality.repeated_ngram_rate(tokens, 4)})
+        per_layer += [{"entry": i, "run": run, "decoding": decoding, "moe_layer": layer, "ecr": value}
+                      for layer, value in enumerate(layer_ecr)]
+    return rows, per_layer
+
+
+def authors_table(samples: pd.DataFrame, decoding: str = "sampled") -> pd.DataFrame:
+    """The authors' released format: Input, Output_Baseline, ECR_Baseline, Output_CFMoE, ECR_CFMoE."""
+    s = samples[samples.decoding == decoding].set_index(["run", "entry"])
+    base, cfmoe = s.loc["base"], s.loc["cfmoe"]
+    return pd.DataFrame({"Input": base.input, "Output_Baseline": base.output, "ECR_Baseline": base.decode_ecr,
+                         "Output_CFMoE": cfmoe.output, "ECR_CFMoE": cfmoe.decode_ecr}).reset_index(drop=True)
+
+
+def ecr_wikitext_stage(cfg: StudyConfig, force: bool = False) -> dict:
+    """Notebook 04: generate for each entry with each model and decoding; ECR, GDS, LAL and quality."""
+    make_deterministic(cfg.seed, cfg.threads)
+    out = cfg.results_dir(ECR_WIKITEXT)
+    e = cfg.ecr
+    models, tokenizer = study.load_runs(cfg)
+    info = moe.describe(models["base"])
+    task = data.entry_task("test")
+    task = task.select(range(min(e.entries, len(task))))
+    titles, prompts, targets = list(task["title"]), list(task["prompt"]), list(task["target"])
+    max_positions = models["base"].config.max_position_embeddings
+
+    rows, per_layer, quality = [], [], []
+    for run, lm in models.items():
+        for decoding, settings in decoding_settings(cfg).items():
+            traces = generate_entries(lm, tokenizer, prompts, settings, e.max_new_tokens, e.batch_size, cfg.seed)
+            r, p = sample_rows(traces, tokenizer, titles, prompts, run, decoding, info.top_k, info.n_experts)
+            rows += r
+            per_layer += p
+        ppl = textquality.conditional_perplexity(lm, tokenizer, prompts, targets, max_positions)
+        quality += [{"entry": i, "run": run, "article_ppl": value, "article_tokens": n}
+                    for i, (value, n) in enumerate(zip(ppl["perplexity"], ppl["tokens"]))]
+        quality.append({"entry": -1, "run": run, "article_ppl": ppl["overall"], "article_tokens": sum(ppl["tokens"])})
+    samples, per_layer, quality = pd.DataFrame(rows), pd.DataFrame(per_layer), pd.DataFrame(quality)
+
+    overall = quality[quality.entry == -1].set_index("run").article_ppl
+    k_over_e = info.top_k / info.n_experts
+    summary = (samples.groupby(["decoding", "run"], sort=False)
+               .agg(samples=("entry", "size"), generated_tokens=("generated_tokens", "mean"),
+                    decode_ecr=("decode_ecr", "mean"), sequence_ecr=("sequence_ecr", "mean"),
+                    decode_gds=("decode_gds", "mean"), decode_lal=("decode_lal", "mean"),
+                    distinct_2=("distinct_2", "mean"), repeated_4gram_rate=("repeated_4gram_rate", "mean"))
+               .reset_index())
+    summary["ecr_over_k_over_e"] = summary.decode_ecr / k_over_e
+    summary["article_ppl"] = summary.run.map(overall)
+    for decoding, group in summary.groupby("decoding"):
+        ref = group.set_index("run")
+        summary.loc[group.index, "ecr_vs_base"] = group.decode_ecr.to_numpy() / ref.loc["base", "decode_ecr"] - 1
+        summary.loc[group.index, "ppl_vs_control"] = (group.article_ppl.to_numpy()
+                                                     / ref.loc["lora_control", "article_ppl"] - 1)
+    sampled = summary[summary.decoding == "sampled"].set_index("run")
+    comparison = pd.DataFrame([
+        {**PAPER, "gain": PAPER["ecr_cfmoe"] / PAPER["ecr_baseline"] - 1, "samples": 20},
+        {"model": f"cfmoe {cfg.preset} default" if not cfg.model_path else cfg.model_path, "k_over_e": k_over_e,
+         "ecr_baseline": sampled.loc["base", "decode_ecr"], "ecr_cfmoe": sampled.loc["cfmoe", "decode_ecr"],
+         "gain": sampled.loc["cfmoe", "ecr_vs_base"], "samples": int(sampled.loc["base", "samples"])}])
+    comparison["baseline_over_k_over_e"] = comparison.ecr_baseline / comparison.k_over_e
+    comparison["cfmoe_over_k_over_e"] = comparison.ecr_cfmoe / comparison.k_over_e
+
+    extra = {"decoding": decoding_settings(cfg), "max_new_tokens": e.max_new_tokens}
+    save_table(authors_table(samples), out / "wikitext_evaluation", cfg, **extra)
+    save_table(samples.drop(columns="input"), out / "samples", cfg, **extra)
+    save_table(per_layer, out / "per_layer_ecr", cfg, **extra)
+    save_table(quality, out / "article_perplexity", cfg, **extra)
+    save_table(summary, out / "summary", cfg, **extra)
+    save_table(comparison, out / "paper_comparison", cfg, **extra)
+    return {"samples": samples, "per_layer": per_layer, "quality": quality, "summary": summary,
+            "comparison": comparison, "info": info}
+
+
+def ecr_wikitext_figures(cfg: StudyConfig, results: dict) -> None:
+    """Figures of notebook 04, drawn from the stage's tables."""
+    from . import plots
+
+    out = cfg.results_dir(ECR_WIKITEXT)
+    k_over_e = results["info"].top_k / results["info"].n_experts
+    save_figure(plots.ecr_distributions(results["samples"], k_over_e), out / "ecr_distributions", cfg)
+    save_figure(plots.per_layer_heatmaps(results["per_layer"]), out / "per_layer_ecr_heatmaps", cfg)

@@ -1,0 +1,120 @@
+"""The study's headline numbers next to the paper's claims: `results/summary.md`, generated from the tables.
+
+    python -m cfmoe.report            # after run_all.sh; reads results/ (cpu) and results/*/gpu/ when present
+
+Every number is read from a committed table and links to it; a preset whose notebook has not run shows "—".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from .config import ROOT
+from .provenance import sidecar, write_json_atomic, write_text_atomic
+
+PRESETS = ("cpu", "gpu")
+PAPER = {
+    "ecr_test": "ECR 0.326 → 0.442 (+35.8%)",
+    "ecr_generated": "0.3255 → 0.4420 (+35.8%), 20 samples, DeepSeek-MoE-16B",
+    "ppl": "no precision loss",
+    "memory": "−35.7% (mean)",
+    "memory_best": "−35.7% (CFMoE system)",
+    "daft": "fewer parameters, same effect",
+    "serving": "disaggregation protects the decode cache",
+}
+
+
+def results_root() -> Path:
+    return Path(os.environ.get("CFMOE_RESULTS", ROOT / "results"))
+
+
+def _table(root: Path, notebook: str, preset: str, name: str) -> tuple[pd.DataFrame | None, str]:
+    """A stage's CSV for a preset and its path relative to the results root (None when it has not run)."""
+    relative = Path(notebook) / ("" if preset == "cpu" else preset) / f"{name}.csv"
+    path = root / relative
+    return (pd.read_csv(path) if path.is_file() else None), relative.as_posix()
+
+
+def _link(text: str, path: str) -> str:
+    return f"[{text}]({path})"
+
+
+def headline(root: Path, preset: str) -> dict[str, str]:
+    """The preset's cell of every headline row, as linked markdown."""
+    cells = dict.fromkeys(PAPER, "—")
+    runs, path = _table(root, "02_fine_tuning", preset, "runs")
+    if runs is not None:
+        r = runs.set_index("run")
+        c, f, d = r.loc["lora_control"], r.loc["cfmoe"], r.loc["cfmoe_daft"]
+        cells["ecr_test"] = _link(f"{c.test_ecr:.3f} → {f.test_ecr:.3f} ({f.ecr_vs_control:+.1%})", path)
+        cells["ppl"] = _link(f"{f.ppl_vs_control:+.2%} (DAFT {d.ppl_vs_control:+.2%})", path)
+        gain = (d.test_ecr - c.test_ecr) / (f.test_ecr - c.test_ecr)
+        cells["daft"] = _link(f"{d.trainable_params / f.trainable_params:.0%} of the parameters, "
+                              f"{d.train_seconds / f.train_seconds:.0%} of the time, {gain:.0%} of the ECR gain", path)
+    comparison, path = _table(root, "04_ecr_wikitext", preset, "paper_comparison")
+    if comparison is not None:
+        ours = comparison.iloc[-1]
+        cells["ecr_generated"] = _link(f"{ours.ecr_baseline:.3f} → {ours.ecr_cfmoe:.3f} ({ours.gain:+.1%}), "
+                                       f"{int(ours.samples)} samples, k/E {ours.k_over_e:.3f}", path)
+    saved, path = _table(root, "03_cache_management", preset, "memory_at_equal_throughput")
+    if saved is not None:
+        per_policy = saved.groupby("policy", sort=False).memory_saved.mean()
+        cells["memory"] = _link(f"−{saved.memory_saved.mean():.1%} (LRU −{per_policy.get('lru', float('nan')):.1%}, "
+                                f"LOPT −{per_policy.get('lopt', float('nan')):.1%})", path)
+    combos, path = _table(root, "03_cache_management", preset, "memory_saved_combinations")
+    if combos is not None:
+        served = combos[(combos.source == "served requests") & (combos.model == "cfmoe")]
+        best = served.loc[served.mean_memory_saved.idxmax()]
+        cells["memory_best"] = _link(f"−{best.mean_memory_saved:.1%} ({best.model} {best.policy} vs control "
+                                     f"{best.baseline.split()[-1]})", path)
+    serving, path = _table(root, "03_cache_management", preset, "serving_modes")
+    if serving is not None:
+        wide = serving[serving.batch == serving.batch.max()]
+        by = wide.pivot_table(index=["run", "policy", "capacity"], columns="mode", values="decode_hit_rate")
+        dis, warm = by.disaggregated - by.unified, by.disaggregated_warm - by.unified
+        cells["serving"] = _link(f"batch {int(wide.batch.max())}: disaggregated {dis.mean():+.4f}, "
+                                 f"warm {warm.mean():+.4f} decode hit rate vs unified (means)", path)
+    return cells
+
+
+ROWS = {
+    "ecr_test": "ECR gain, WikiText-2 test (teacher-forced), CFMoE vs LoRA control",
+    "ecr_generated": "ECR of generated text (authors' WikiText protocol), base → CFMoE",
+    "ppl": "Test perplexity, CFMoE vs LoRA control",
+    "memory": "Memory saved at equal decode throughput (same policy, paper scale)",
+    "memory_best": "Memory saved, best served combination vs control under LRU",
+    "daft": "DAFT vs CFMoE on all layers",
+    "serving": "Decode hit rate, disaggregated prefill vs unified",
+}
+
+
+def build(root: Path | None = None) -> str:
+    """The summary's markdown."""
+    root = root or results_root()
+    cells = {preset: headline(root, preset) for preset in PRESETS}
+    lines = ["# cfmoe: headline numbers", "",
+             "Generated by `python -m cfmoe.report` at the end of `run_all.sh`, from the tables each number links to. "
+             "`cpu` is the default study (a 15.9M-parameter Qwen2-MoE with DeepSeek-MoE-16B's routing geometry, "
+             "trained here); `gpu` is the larger preset run on one H200. "
+             "Memory figures use the authors' cost model at DeepSeek-MoE-16B's 4.5-bit sizes.", "",
+             "| claim | paper (DeepSeek-MoE-16B) | cpu | gpu |", "| --- | --- | --- | --- |"]
+    lines += [f"| {label} | {PAPER[key]} | {cells['cpu'][key]} | {cells['gpu'][key]} |" for key, label in ROWS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    root = results_root()
+    text = build(root)
+    write_text_atomic(root / "summary.md", text)
+    write_json_atomic(root / "summary.json", sidecar(artifact="summary.md", presets=list(PRESETS)))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
