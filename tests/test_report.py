@@ -36,3 +36,9 @@ def test_summary_cells_come_from_the_linked_tables(tmp_path):
 
 def test_committed_summary_matches_the_committed_tables():
     assert (ROOT / "results" / "summary.md").read_text() == report.build(ROOT / "results")
+
+
+def test_readme_shows_the_current_table():
+    readme = (ROOT / "README.md").read_text()
+    assert readme == report.with_readme_table(readme, ROOT / "results")
+    assert "[0.2" in readme.split(report.README_START)[1] and "](results/02_fine_tuning/runs.csv)" in readme

@@ -1,0 +1,416 @@
+"""A real expert-offloading engine: `generate()` with only a bounded set of routed experts in fast memory.
+
+    engine = OffloadEngine(model, "artifacts/cpu/store.safetensors", capacity=96, policy="lru",
+                           mode="disaggregated", tier="direct")
+    out, stats = engine.generate(input_ids, max_new_tokens=64)     # stats: hits, bytes read, TTFT, tokens/s
+
+No modeling code is forked. Every MoE layer of a transformers model calls its fused `experts` module as
+`experts(hidden_states, expert_indices, weights)` with per-expert parameters stacked on dim 0 (see
+`cfmoe.moe`). The engine moves those parameters into an **expert store** (the slow tier: one safetensors file,
+each (layer, expert) contiguous, read one expert at a time) and gives every experts module the same
+preallocated **slot pool** (the fast tier) instead: `capacity` cache slots, plus one layer's experts of
+staging slots in the disaggregated modes. Before each experts call the engine places the experts the call
+needs into slots (hits stay, misses are read from the store, evicting by the cache policy) and calls the
+original module with the expert indices remapped to slot indices. The math is the module's own.
+
+Slow tiers (every result is labelled with the one used):
+- `direct`: `O_DIRECT` reads, bypassing the page cache (storage speed);
+- `page_cache`: plain reads, which the kernel may serve from memory;
+- `throttled`: plain reads held to `bandwidth_gbps` (e.g. the authors' 4.5 GB/s flash);
+- `host`: the store read once into (pinned, with CUDA) host memory, copied to the device per expert.
+
+Prefill (a forward of more than one position) and decode (one position) are handled by `mode`:
+`unified` sends prefill through the decode cache; `disaggregated` streams prefill's misses through the
+staging slots and leaves the cache as it was (reading cached experts in place); `disaggregated_warm` then
+seeds the cache per layer from the prompt's last tokens (copied from the staging slots, no store read).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import moe
+
+TIERS = ("direct", "page_cache", "throttled", "host")
+POLICIES = ("lru", "lfu")
+SCOPES = ("global", "per_layer")
+MODES = ("unified", "disaggregated", "disaggregated_warm")
+_ALIGN = 4096
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def expert_parameters(experts: torch.nn.Module, n_experts: int) -> dict[str, torch.nn.Parameter]:
+    """The experts module's per-expert parameters (first dimension = n_experts), by name."""
+    params = {name: p for name, p in experts.named_parameters(recurse=False) if p.ndim >= 1 and p.shape[0] == n_experts}
+    if not params:
+        raise ValueError(f"{type(experts).__name__} has no parameter stacked over its {n_experts} experts")
+    return params
+
+
+def _key(layer: int, expert: int, name: str) -> str:
+    return f"L{layer:04d}.E{expert:05d}.{name}"
+
+
+def write_store(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write every routed expert of `model` to one safetensors file, each (layer, expert) contiguous."""
+    from safetensors.torch import save_file
+
+    info = moe.describe(model)
+    tensors = {}
+    for index, layer in enumerate(info.layers):
+        for name, param in expert_parameters(layer.experts, layer.n_experts).items():
+            for expert in range(layer.n_experts):
+                tensors[_key(index, expert, name)] = param.detach()[expert].contiguous().cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={"format": "cfmoe-expert-store", "n_layers": str(len(info.layers)),
+                                           "n_experts": str(info.n_experts)})
+    os.replace(tmp, path)
+    return path
+
+
+class ExpertStore:
+    """The slow tier: reads one (layer, expert)'s tensors from a store file written by `write_store`."""
+
+    def __init__(self, path: str | os.PathLike, tier: str = "direct", bandwidth_gbps: float | None = None,
+                 device: str | torch.device = "cpu"):
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}; valid: {', '.join(TIERS)}")
+        if tier == "throttled" and not (bandwidth_gbps and bandwidth_gbps > 0):
+            raise ValueError(f"tier 'throttled' needs bandwidth_gbps > 0 (e.g. 4.5), got {bandwidth_gbps!r}")
+        self.path, self.tier, self.bandwidth_gbps = Path(path), tier, bandwidth_gbps
+        if not self.path.is_file():
+            raise FileNotFoundError(f"expert store {self.path} does not exist; write it with cfmoe.serving.write_store")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            header = f.read(n) if 0 < n < size else b""
+        try:
+            meta = json.loads(header)
+        except ValueError:
+            raise ValueError(f"expert store {self.path} is not a safetensors file (or its header is cut)") from None
+        self.data_start = 8 + n
+        self.spans: dict[tuple[int, int], tuple[int, int]] = {}
+        self.tensors: dict[tuple[int, int], list[tuple[str, torch.dtype, tuple, int, int]]] = {}
+        end_of_data = 0
+        for key, entry in meta.items():
+            if key == "__metadata__":
+                continue
+            layer, expert, name = key.split(".", 2)
+            lk = (int(layer[1:]), int(expert[1:]))
+            begin, end = entry["data_offsets"]
+            end_of_data = max(end_of_data, end)
+            self.tensors.setdefault(lk, []).append((name, _DTYPES[entry["dtype"]], tuple(entry["shape"]), begin, end))
+        if self.data_start + end_of_data > size:
+            raise ValueError(f"expert store {self.path} is truncated: {size} bytes, its header describes "
+                             f"{self.data_start + end_of_data}")
+        for lk, items in self.tensors.items():
+            begin, end = min(i[3] for i in items), max(i[4] for i in items)
+            self.spans[lk] = (self.data_start + begin, self.data_start + end)
+        self.max_span = max(end - begin for begin, end in self.spans.values())
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+        self._host = None
+        flags = os.O_RDONLY
+        if tier == "direct":
+            flags |= os.O_DIRECT
+        self._fd = os.open(self.path, flags)
+        self._buffer = mmap.mmap(-1, self.max_span + 2 * _ALIGN)  # page-aligned, as O_DIRECT needs
+        if tier == "host":
+            whole = torch.from_file(str(self.path), shared=False, size=size, dtype=torch.uint8)
+            self._host = whole.pin_memory() if torch.device(device).type == "cuda" else whole
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """The expert's tensors by parameter name (views into a reused buffer: copy them before the next read)."""
+        if (layer, expert) not in self.spans:
+            raise KeyError(f"expert store {self.path} has no layer {layer} expert {expert}")
+        begin, end = self.spans[(layer, expert)]
+        started = time.perf_counter()
+        if self._host is not None:
+            raw, base = self._host[begin:end], begin
+        else:
+            start = begin - begin % _ALIGN if self.tier == "direct" else begin
+            length = end - start
+            if self.tier == "direct":
+                length += -length % _ALIGN
+            view = memoryview(self._buffer)[:length]
+            got = os.preadv(self._fd, [view], start)
+            if got < end - start:
+                raise ValueError(f"expert store {self.path} is truncated at layer {layer} expert {expert}")
+            raw, base = torch.frombuffer(self._buffer, dtype=torch.uint8, count=end - begin, offset=begin - start), begin
+            del view
+            if self.tier == "throttled":
+                due = (end - begin) / (self.bandwidth_gbps * 1e9) - (time.perf_counter() - started)
+                if due > 0:
+                    time.sleep(due)
+        out = {}
+        for name, dtype, shape, b, e in self.tensors[(layer, expert)]:
+            lo = self.data_start + b - base
+            out[name] = raw[lo:lo + (e - b)].view(dtype).view(shape)
+        self.bytes_read += end - begin
+        self.read_seconds += time.perf_counter() - started
+        return out
+
+
+class SlotCache:
+    """Which (layer, expert) sits in which fast-memory slot, and the policy's victim choice.
+
+    `lru` evicts the least recently used; `lfu` the fewest accesses since insertion, ties least recently used
+    (the semantics of `cfmoe.cache`). With `per_layer` scope each layer owns `capacity` slots.
+    """
+
+    def __init__(self, capacity: int, policy: str, scope: str, n_layers: int):
+        self.capacity, self.policy, self.scope, self.n_layers = capacity, policy, scope, n_layers
+        pools = n_layers if scope == "per_layer" else 1
+        self.n_slots = capacity * pools
+        self.free = {pool: list(range(pool * capacity, (pool + 1) * capacity))[::-1] for pool in range(pools)}
+        self.slot: dict[tuple[int, int], int] = {}
+        self.last: dict[tuple[int, int], int] = {}
+        self.count: dict[tuple[int, int], int] = {}
+        self.clock = 0
+
+    def _pool(self, key) -> int:
+        return key[0] if self.scope == "per_layer" else 0
+
+    def lookup(self, key) -> int | None:
+        return self.slot.get(key)
+
+    def touch(self, key) -> None:
+        self.clock += 1
+        self.last[key] = self.clock
+        self.count[key] += 1
+
+    def insert(self, key, pinned) -> tuple[int, tuple | None]:
+        """A slot for `key` (a free one, or a victim's not in `pinned`); returns (slot, evicted key)."""
+        pool = self._pool(key)
+        evicted = None
+        if self.free[pool]:
+            slot = self.free[pool].pop()
+        else:
+            candidates = [k for k in self.slot if self._pool(k) == pool and k not in pinned]
+            if not candidates:
+                raise RuntimeError("no evictable slot: every cached expert is needed by the current call")
+            rank = (lambda k: self.last[k]) if self.policy == "lru" else (lambda k: (self.count[k], self.last[k]))
+            evicted = min(candidates, key=rank)
+            slot = self.slot.pop(evicted)
+            del self.last[evicted], self.count[evicted]
+        self.slot[key] = slot
+        self.count[key] = 0
+        self.touch(key)
+        return slot, evicted
+
+    def room(self, key, pinned) -> int:
+        """Slots `key`'s pool could give a new entry now without evicting a pinned one."""
+        pool = self._pool(key)
+        return len(self.free[pool]) + sum(1 for k in self.slot if self._pool(k) == pool and k not in pinned)
+
+
+@dataclass
+class Counters:
+    """What the engine did, per phase ('prefill', 'decode')."""
+
+    hits: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    misses: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    bytes_read: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    load_seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
+    seeded: int = 0
+
+    def row(self) -> dict:
+        out = {"seeded": self.seeded}
+        for name in ("hits", "misses", "bytes_read", "load_seconds"):
+            for phase, value in getattr(self, name).items():
+                out[f"{phase}_{name}"] = value
+        accesses = self.hits["decode"] + self.misses["decode"]
+        out["decode_hit_rate"] = self.hits["decode"] / accesses if accesses else float("nan")
+        return out
+
+
+class OffloadEngine:
+    """Offload `model`'s routed experts to a store and serve them through a bounded slot pool (in place)."""
+
+    def __init__(self, model: torch.nn.Module, store_path: str | os.PathLike, capacity: int, policy: str = "lru",
+                 scope: str = "global", mode: str = "disaggregated", tier: str = "direct",
+                 bandwidth_gbps: float | None = None, warm_tokens: int = 8, warm_decay: float = 0.5,
+                 write: bool = True):
+        for value, valid, what in ((policy, POLICIES, "policy"), (scope, SCOPES, "scope"), (mode, MODES, "mode")):
+            if value not in valid:
+                raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+        info = moe.describe(model)
+        self.model, self.info, self.mode = model, info, mode
+        n_layers, n_experts, top_k = len(info.layers), info.n_experts, info.top_k
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < top_k:
+            unit = "per layer" if scope == "per_layer" else "in all"
+            raise ValueError(f"capacity {capacity!r} experts ({unit}) is smaller than one layer's top-k of {top_k}; "
+                             f"a decode step needs at least {top_k} slots")
+        if scope == "global" and capacity > n_layers * n_experts:
+            raise ValueError(f"capacity {capacity} exceeds the model's {n_layers * n_experts} routed experts")
+        if scope == "per_layer" and capacity > n_experts:
+            raise ValueError(f"per-layer capacity {capacity} exceeds the {n_experts} experts of a layer")
+        if write:
+            write_store(model, store_path)
+        device = next(model.parameters()).device
+        self.store = ExpertStore(store_path, tier, bandwidth_gbps, device)
+        self.tier = tier
+        self.cache = SlotCache(int(capacity), policy, scope, n_layers)
+        self.staging = n_experts if mode != "unified" else 0
+        self.n_slots = self.cache.n_slots + self.staging
+        self.warm_tokens, self.warm_decay = warm_tokens, warm_decay
+        self.counters = Counters()
+        self.phase = "prefill"
+        self._staged: dict[int, int] = {}  # expert -> staging slot of the layer being prefilled
+
+        first = expert_parameters(info.layers[0].experts, n_experts)
+        self.pool = {}
+        for name, param in first.items():
+            self.pool[name] = torch.nn.Parameter(torch.zeros((self.n_slots, *param.shape[1:]), dtype=param.dtype,
+                                                             device=device), requires_grad=False)
+        self.expert_bytes = sum(p[0].numel() * p.element_size() for p in first.values())
+        for index, layer in enumerate(info.layers):
+            params = expert_parameters(layer.experts, n_experts)
+            if {n: (p.shape[1:], p.dtype) for n, p in params.items()} != \
+                    {n: (p.shape[1:], p.dtype) for n, p in self.pool.items()}:
+                raise ValueError(f"MoE layer {index}'s experts differ in shape from layer 0's; one slot pool "
+                                 "cannot hold both")
+            for name in params:
+                setattr(layer.experts, name, self.pool[name])  # frees the layer's own copy
+            layer.experts.num_experts = self.n_slots
+            layer.experts.forward = self._forward(index, layer.experts.forward)
+        self._hook = model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
+
+    @property
+    def pool_bytes(self) -> int:
+        """Fast-tier bytes of expert weights: every slot, cache and staging (preallocated once)."""
+        return sum(p.numel() * p.element_size() for p in self.pool.values())
+
+    def _phase_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        self.phase = "prefill" if ids.shape[1] > 1 else "decode"
+
+    def _load(self, layer: int, expert: int, slot: int) -> None:
+        started = time.perf_counter()
+        tensors = self.store.read(layer, expert)
+        for name, value in tensors.items():
+            self.pool[name].data[slot].copy_(value, non_blocking=False)
+        self.counters.misses[self.phase] += 1
+        self.counters.bytes_read[self.phase] += self.expert_bytes
+        self.counters.load_seconds[self.phase] += time.perf_counter() - started
+
+    def _place(self, layer: int, experts: list[int]):
+        """Slots for the experts one call needs, yielded in groups that fit the pool at once (usually one).
+
+        A group is yielded before any of the next group's loads, which may evict its experts: the caller
+        computes each group's share of the output before asking for the next."""
+        phase = self.phase
+        stream = phase == "prefill" and self.mode != "unified"
+        current, pinned = {}, set()
+        for expert in experts:
+            key = (layer, expert)
+            slot = self.cache.lookup(key)
+            if slot is not None:
+                self.cache.touch(key)
+                self.counters.hits[phase] += 1
+            elif stream:
+                slot = self.cache.n_slots + expert
+                self._load(layer, expert, slot)
+                self._staged[expert] = slot
+            else:
+                if self.cache.room(key, pinned) == 0:  # the group is full: compute it, then start another
+                    yield current
+                    current, pinned = {}, set()
+                slot, _ = self.cache.insert(key, pinned)
+                self._load(layer, expert, slot)
+            current[expert] = slot
+            pinned.add(key)
+        yield current
+
+    def _seed(self, layer: int, indices: torch.Tensor) -> None:
+        """Warm the decode cache with this layer's experts most used by the prompt's last tokens."""
+        recent = indices[-self.warm_tokens:].cpu().numpy()
+        weights = self.warm_decay ** np.arange(len(recent))[::-1]
+        score: dict[int, float] = {}
+        for w, row in zip(weights, recent):
+            for e in row.tolist():
+                score[e] = score.get(e, 0.0) + w
+        n_layers = len(self.info.layers)
+        share = self.cache.capacity if self.cache.scope == "per_layer" else \
+            self.cache.capacity // n_layers + (layer < self.cache.capacity % n_layers)
+        for expert in sorted(score, key=lambda e: (-score[e], e))[:share][::-1]:  # best last: most recent
+            key = (layer, expert)
+            if self.cache.lookup(key) is not None:
+                self.cache.touch(key)
+                continue
+            slot, _ = self.cache.insert(key, set())
+            for name in self.pool:
+                self.pool[name].data[slot].copy_(self.pool[name].data[self._staged[expert]])
+            self.counters.seeded += 1
+
+    def _forward(self, layer: int, original):
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            flat = top_k_index.reshape(-1).tolist()
+            needed = list(dict.fromkeys(flat))  # first-occurrence order: a token's experts in router order
+            self._staged = {}
+            single = (self.phase == "prefill" and self.mode != "unified") or len(needed) <= self.cache.capacity
+            out = None
+            for group in self._place(layer, needed):
+                lookup = torch.full((self.info.n_experts,), -1, dtype=top_k_index.dtype)
+                lookup[list(group)] = torch.tensor(list(group.values()), dtype=top_k_index.dtype)
+                slots = lookup.to(top_k_index.device)[top_k_index]
+                if single:
+                    index, weights = slots, top_k_weights
+                else:  # entries of other groups contribute nothing to this pass
+                    inside = slots >= 0
+                    index = torch.where(inside, slots, next(iter(group.values())))
+                    weights = top_k_weights * inside.to(top_k_weights.dtype)
+                y = original(hidden_states, index, weights, *args, **kwargs)
+                out = y if out is None else out + y
+            if self.mode == "disaggregated_warm" and self.phase == "prefill":
+                self._seed(layer, top_k_index)
+            return out
+        return forward
+
+    def reset_counters(self) -> None:
+        self.counters = Counters()
+        self.store.bytes_read, self.store.read_seconds = 0, 0.0
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask=None, **generate_kwargs) -> tuple[torch.Tensor, dict]:
+        """`model.generate` through the engine; returns the sequences and this call's measurements."""
+        self.reset_counters()
+        times = []
+        hook = self.model.register_forward_hook(lambda *a: times.append(time.perf_counter()))
+        started = time.perf_counter()
+        try:
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        finally:
+            hook.remove()
+        new_tokens = out.shape[1] - input_ids.shape[1]
+        ttft = times[0] - started
+        decode_s = times[-1] - times[0] if len(times) > 1 else float("nan")
+        stats = {"tier": self.tier, "mode": self.mode, "policy": self.cache.policy, "scope": self.cache.scope,
+                 "capacity": self.cache.capacity, "slots": self.n_slots, "pool_bytes": self.pool_bytes,
+                 "new_tokens": new_tokens, "ttft_s": ttft, "decode_s": decode_s,
+                 "decode_tokens_per_s": (len(times) - 1) * input_ids.shape[0] / decode_s if len(times) > 1 else float("nan"),
+                 **self.counters.row()}
+        return out, stats
