@@ -120,6 +120,22 @@ class EcrConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """Notebook 05: the offloading engine measured on this machine."""
+
+    requests: int = 3  # entry prompts of the first WikiText-2 test entries, served one after another
+    new_tokens: int = 32  # greedy tokens per request (no EOS stop, so runs compare like for like)
+    runs: tuple[str, ...] = ("base", "lora_control", "cfmoe")
+    shares: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # budgets as shares of the routed experts
+    policies: tuple[str, ...] = ("lru", "lfu")  # lfu runs in disaggregated mode; every mode runs lru
+    modes: tuple[str, ...] = ("unified", "disaggregated", "disaggregated_warm")
+    tiers: tuple[str, ...] = ("direct", "throttled")
+    full_tier: str = "throttled"  # every policy and mode runs on this tier; the others run LRU unified/disaggregated
+    throttle_gbps: float = 4.5  # the authors' flash; 0 = scaled to this machine (`serving_study.scaled_bandwidth`)
+    profile_mb: float = 64  # size of the memory/file bandwidth probe
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """Everything a notebook needs; frozen so a run cannot change its own inputs half-way."""
 
@@ -135,6 +151,7 @@ class StudyConfig:
     router_design: RouterDesignConfig = field(default_factory=RouterDesignConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     ecr: EcrConfig = field(default_factory=EcrConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     @property
     def artifacts_dir(self) -> Path:

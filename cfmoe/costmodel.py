@@ -195,13 +195,19 @@ def from_describe(info, bits_per_param: float | None = None, source_bytes_per_pa
                       expert_bytes * scale, get("resident_bytes") * scale)
 
 
-def tokens_per_second(sizes: ModelSizes, profile: DeviceProfile, hit_rate):
-    """Decode tokens/s at expert-cache hit rate(s) `hit_rate` (a float or an array)."""
+def tokens_per_second(sizes: ModelSizes, profile: DeviceProfile, hit_rate, compute_s_per_token: float = 0.0):
+    """Decode tokens/s at expert-cache hit rate(s) `hit_rate` (a float or an array).
+
+    The authors' model is memory-bound and ignores compute; `compute_s_per_token` adds a measured floor
+    (what a small model on a CPU spends beyond reading its weights), which `notebook 05` calibrates.
+    """
     h = np.asarray(hit_rate, dtype=float)
     if np.any(~((h >= 0) & (h <= 1))):
         raise ValueError(f"hit_rate must lie in [0, 1], got {hit_rate!r}")
+    if not compute_s_per_token >= 0:
+        raise ValueError(f"compute_s_per_token must be >= 0 seconds, got {compute_s_per_token!r}")
     mem, io = profile.mem_bandwidth_gbps * 1e9, profile.io_bandwidth_gbps * 1e9
-    seconds = (sizes.w_resident + sizes.w_dynamic * h) / mem + sizes.w_dynamic * (1 - h) / io
+    seconds = compute_s_per_token + (sizes.w_resident + sizes.w_dynamic * h) / mem + sizes.w_dynamic * (1 - h) / io
     return float(1 / seconds) if h.ndim == 0 else 1 / seconds
 
 

@@ -182,3 +182,33 @@ def per_layer_heatmaps(per_layer: pd.DataFrame) -> plt.Figure:
     fig.suptitle("per-layer ECR of generated text (sampled decoding)")
     fig.tight_layout()
     return fig
+
+
+def measured_throughput(measured: pd.DataFrame) -> plt.Figure:
+    """Measured decode tokens/s against fast memory per model, slow tier (rows) and prefill mode (columns)."""
+    engine = measured[(measured.tier != "in_memory") & (measured.policy == "lru")]
+    grid = sns.relplot(data=engine, x="memory_gb", y="decode_tokens_per_s", hue="run", row="tier", col="mode",
+                       kind="line", marker="o", height=2.8, aspect=1.2, facet_kws={"sharey": "row", "margin_titles": True})
+    for (tier, _), ax in grid.axes_dict.items():
+        for i, r in enumerate(measured[measured.tier == "in_memory"].itertuples()):
+            ax.axhline(r.decode_tokens_per_s, ls=":", lw=1, color=f"C{i}")
+    grid.set_axis_labels("fast memory (GB): resident + slot pool", "decode tokens/s (measured)")
+    grid.figure.suptitle("offloading engine, LRU (dotted: the model fully in memory)", y=1.02)
+    return grid.figure
+
+
+def predicted_vs_measured(prediction: pd.DataFrame) -> plt.Figure:
+    """Cost-model tokens/s against measured, the authors' memory-bound model and the calibrated one."""
+    long = prediction.melt(id_vars=["run", "tier", "measured_tokens_per_s"],
+                           value_vars=["authors_model_tokens_per_s", "calibrated_tokens_per_s"],
+                           var_name="model", value_name="predicted")
+    grid = sns.relplot(data=long, x="measured_tokens_per_s", y="predicted", hue="run", style="tier", col="model",
+                       height=3.6, facet_kws={"sharey": False})
+    for ax in grid.axes.flat:
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], ls="--", color="grey")
+        ax.fill_between([lo, hi], [0.75 * lo, 0.75 * hi], [1.25 * lo, 1.25 * hi], color="grey", alpha=0.15)
+        ax.set_yscale("log")
+        ax.set_xscale("log")
+    grid.set_axis_labels("measured decode tokens/s", "predicted decode tokens/s (band: ±25%)")
+    return grid.figure

@@ -280,13 +280,14 @@ def fine_tuning_figures(cfg: StudyConfig, results: dict) -> None:
 
 def stages() -> dict:
     """Stage name -> (compute, draw), in chain order."""
-    from . import cache_study, ecr_study
+    from . import cache_study, ecr_study, serving_study
 
     return {"base_model": (base_model_stage, base_model_figures),
             "router_design": (router_design_stage, router_design_figures),
             "fine_tuning": (fine_tuning_stage, fine_tuning_figures),
             "cache_management": (cache_study.cache_management_stage, cache_study.cache_management_figures),
-            "ecr_wikitext": (ecr_study.ecr_wikitext_stage, ecr_study.ecr_wikitext_figures)}
+            "ecr_wikitext": (ecr_study.ecr_wikitext_stage, ecr_study.ecr_wikitext_figures),
+            "serving": (serving_study.serving_stage, serving_study.serving_figures)}
 
 
 def main(argv=None) -> None:
