@@ -150,8 +150,10 @@ def main(argv=None) -> None:
     parser.parse_args(argv)
     root = results_root()
     text = build(root)
-    write_text_atomic(root / "summary.md", text)
-    write_json_atomic(root / "summary.json", sidecar(artifact="summary.md", presets=list(PRESETS)))
+    summary = root / "summary.md"
+    if not summary.is_file() or summary.read_text() != text:  # unchanged tables: leave both files alone
+        write_text_atomic(summary, text)
+        write_json_atomic(root / "summary.json", sidecar(artifact="summary.md", presets=list(PRESETS)))
     readme = ROOT / "README.md"
     if root == ROOT / "results" and readme.is_file():  # the README shows the committed study's table
         write_text_atomic(readme, with_readme_table(readme.read_text(), root))
