@@ -96,10 +96,11 @@ def headline(root: Path, preset: str) -> dict[str, str]:
     engine, path = _table(root, "05_serving", preset, "measurements")
     if engine is not None:
         lru = engine[(engine.tier != "in_memory") & (engine.policy == "lru")]
+        lru = lru[lru.tier.isin(lru[lru["mode"] == "disaggregated_warm"].tier.unique())]  # the tier all modes ran on
         by = lru.pivot_table(index=["run", "tier", "share"], columns="mode", values="decode_tokens_per_s")
         ratio = by.disaggregated / by.unified
         warm = by.disaggregated_warm / by.unified
-        cells["engine_modes"] = _link(f"disaggregated / unified median {ratio.median():.2f}×, warm {warm.median():.2f}×; "
+        cells["engine_modes"] = _link(f"{', '.join(lru.tier.unique())} tier: disaggregated / unified median {ratio.median():.2f}×, warm {warm.median():.2f}×; "
                                       f"all runs token-identical: {bool(engine.identical.all())}", path)
     return cells
 
