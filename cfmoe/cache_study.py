@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import cache, costmodel, data, metrics, model, moe, routing, serving_sim
+from . import cache, costmodel, data, metrics, moe, routing, serving_sim
 from . import study
 from .config import StudyConfig
 from .determinism import make_deterministic
@@ -123,22 +123,31 @@ def throughput_curves(curves: pd.DataFrame, sizes: costmodel.ModelSizes, n_route
     return pd.concat(frames, ignore_index=True)
 
 
+def saved_at_levels(base: pd.DataFrame, candidate: pd.DataFrame, shares, column: str = "cached_share") -> pd.DataFrame:
+    """Memory `candidate` needs at the tokens/s `base` reaches with `shares` of its routed experts cached, next
+    to base's own; both are curves with `column`, `memory_gb` and `tokens_per_s`."""
+    shares = np.asarray(shares, float)
+    levels = base.set_index(np.round(base[column], 6)).loc[np.round(shares, 6)].tokens_per_s.to_numpy()
+    saved = costmodel.memory_at_equal_throughput(base, candidate, levels)
+    return pd.DataFrame({column: shares, "tokens_per_s": saved.tokens_per_s, "memory_base_gb": saved.memory_a,
+                         "memory_cfmoe_gb": saved.memory_b, "memory_saved": saved.saved})
+
+
 def memory_saved(throughput: pd.DataFrame, shares, baseline=("lora_control", "lru"),
                  candidate=("cfmoe", "lru")) -> pd.DataFrame:
     """Memory the candidate (run, policy) needs at the tokens/s the baseline reaches with `shares` of its
     routed experts cached, per device; global scope. Same-policy rows when the policies are equal."""
     rows = []
     tp = throughput[throughput.scope == "global"]
+    policy = baseline[1] if baseline[1] == candidate[1] else f"{baseline[1]}->{candidate[1]}"
     for device in DEVICES:
         on = tp[tp.device == device]
         base = on[(on.run == baseline[0]) & (on.policy == baseline[1])].sort_values("capacity")
         cand = on[(on.run == candidate[0]) & (on.policy == candidate[1])].sort_values("capacity")
-        at_levels = base.set_index(np.round(base.cached_share, 6)).loc[np.round(np.asarray(shares, float), 6)]
-        saved = costmodel.memory_at_equal_throughput(base, cand, at_levels.tokens_per_s.to_numpy())
-        rows.append(pd.DataFrame({
-            "device": device, "policy": baseline[1] if baseline[1] == candidate[1] else f"{baseline[1]}->{candidate[1]}",
-            "cached_share": np.asarray(shares, float), "tokens_per_s": saved.tokens_per_s,
-            "memory_base_gb": saved.memory_a, "memory_cfmoe_gb": saved.memory_b, "memory_saved": saved.saved}))
+        table = saved_at_levels(base, cand, shares)
+        table.insert(0, "device", device)
+        table.insert(1, "policy", policy)
+        rows.append(table)
     return pd.concat(rows, ignore_index=True)
 
 

@@ -45,7 +45,7 @@ def generate_entries(lm, tokenizer, prompts: list[str], settings: dict, max_new_
     return traces
 
 
-def sample_rows(traces, tokenizer, titles, prompts, run: str, decoding: str, top_k: int, n_experts: int):
+def sample_rows(traces, tokenizer, titles, prompts, run: str, decoding: str):
     """One row per generated sample, and per-layer decode ECR rows."""
     rows, per_layer = [], []
     for i, (trace, title, prompt) in enumerate(zip(traces, titles, prompts)):
@@ -57,7 +57,7 @@ def sample_rows(traces, tokenizer, titles, prompts, run: str, decoding: str, top
                      "output": tokenizer.decode(tokens, skip_special_tokens=True),
                      "generated_tokens": int(decode.n_tokens), "decode_ecr": float(np.mean(layer_ecr)),
                      "sequence_ecr": float(metrics.expert_consistency_rate(trace.experts)),
-                     "decode_gds": float(metrics.gate_distribution_similarity(decode.probs.astype(np.float32)))
+                     "decode_gds": float(metrics.gate_distribution_similarity(decode.probs))
                      if decode.n_tokens > 1 else np.nan,
                      "decode_lal": float(metrics.layer_aware_locality(decode.experts)) if decode.n_tokens > 1
                      else np.nan,
@@ -92,7 +92,7 @@ def ecr_wikitext_stage(cfg: StudyConfig, force: bool = False) -> dict:
     for run, lm in models.items():
         for decoding, settings in decoding_settings(cfg).items():
             traces = generate_entries(lm, tokenizer, prompts, settings, e.max_new_tokens, e.batch_size, cfg.seed)
-            r, p = sample_rows(traces, tokenizer, titles, prompts, run, decoding, info.top_k, info.n_experts)
+            r, p = sample_rows(traces, tokenizer, titles, prompts, run, decoding)
             rows += r
             per_layer += p
         ppl = textquality.conditional_perplexity(lm, tokenizer, prompts, targets, max_positions)
@@ -126,13 +126,14 @@ def ecr_wikitext_stage(cfg: StudyConfig, force: bool = False) -> dict:
     comparison["cfmoe_over_k_over_e"] = comparison.ecr_cfmoe / comparison.k_over_e
 
     extra = {"decoding": decoding_settings(cfg), "max_new_tokens": e.max_new_tokens}
-    save_table(authors_table(samples), out / "wikitext_evaluation", cfg, **extra)
+    table = authors_table(samples)
+    save_table(table, out / "wikitext_evaluation", cfg, **extra)
     save_table(samples.drop(columns="input"), out / "samples", cfg, **extra)
     save_table(per_layer, out / "per_layer_ecr", cfg, **extra)
     save_table(quality, out / "article_perplexity", cfg, **extra)
     save_table(summary, out / "summary", cfg, **extra)
     save_table(comparison, out / "paper_comparison", cfg, **extra)
-    return {"samples": samples, "per_layer": per_layer, "quality": quality, "summary": summary,
+    return {"samples": samples, "table": table, "per_layer": per_layer, "quality": quality, "summary": summary,
             "comparison": comparison, "info": info}
 
 

@@ -112,6 +112,38 @@ def _with_seeds(previous: np.ndarray, seeds: np.ndarray, capacity: int, scope: s
     return merged[newer_in_pool < capacity]
 
 
+def _through_cache(state, needed: list, prompts: list, decode_keys: np.ndarray, mode: str, policy: str,
+                   capacity: int, options: dict, warm_tokens: int, warm_decay: float):
+    """One stretch of serving: the prefills of `prompts` (their keys `needed`), then `decode_keys`, in `mode`,
+    starting from the decode cache `state`. Returns the cache result, prefill hits per prompt and the decode
+    accesses' hit mask."""
+    if mode == "unified":
+        run = simulate_cache(np.concatenate([*needed, decode_keys]), policy, capacity, initial=state, **options)
+        ends = np.cumsum([keys.size for keys in needed])
+        hits = [int(np.count_nonzero(part)) for part in np.split(run.hits_mask[:ends[-1]], ends[:-1])]
+        return run, hits, run.hits_mask[ends[-1]:]
+    scope, n_experts = options["scope"], options["n_experts"]
+    current = state.final_keys if isinstance(state, CacheResult) else np.asarray([] if state is None else state,
+                                                                                 np.int64)
+    hits = []
+    for prompt, keys in zip(prompts, needed):
+        hits.append(int(np.count_nonzero(np.isin(keys, current))))  # read in place from the decode cache
+        if mode == "disaggregated_warm":
+            seeds = warm_seed(prompt, n_experts, capacity, scope, warm_tokens, warm_decay)
+            current = _with_seeds(current, seeds, capacity, scope, n_experts)
+    run = simulate_cache(decode_keys, policy, capacity, initial=current if mode == "disaggregated_warm" else state,
+                         **options)
+    return run, hits, run.hits_mask
+
+
+def _seconds(profile: DeviceProfile | None, resident_bytes, hits, misses, expert_bytes: float):
+    """The cost model's time: resident and cached bytes from fast memory, missed experts from slow storage."""
+    if profile is None:
+        return float("nan")
+    mem, io = profile.mem_bandwidth_gbps * 1e9, profile.io_bandwidth_gbps * 1e9
+    return (resident_bytes + hits * expert_bytes) / mem + misses * expert_bytes / io
+
+
 def simulate_request(experts, phase, n_experts: int, policy: str, capacity: int, mode: str, expert_bytes: float, *,
                      scope: str = "global", lookahead: int | None = None, initial=None,
                      profile: DeviceProfile | None = None, resident_bytes: float = 0.0, warm_tokens: int = 8,
@@ -136,29 +168,15 @@ def simulate_request(experts, phase, n_experts: int, policy: str, capacity: int,
     needed, decode_keys = prefill_keys(prompt, n_experts), access_keys(decode, n_experts)
     options = {"lookahead": default_lookahead(n_layers, k) if lookahead is None else lookahead,
                "scope": scope, "n_experts": n_experts}
-    if mode == "unified":
-        run = simulate_cache(np.concatenate([needed, decode_keys]), policy, capacity, initial=initial, **options)
-        prefill_hits = int(np.count_nonzero(run.hits_mask[:needed.size]))
-        decode_mask, staging = run.hits_mask[needed.size:], 0
-    else:
-        start = initial.final_keys if isinstance(initial, CacheResult) else np.asarray(
-            [] if initial is None else initial, np.int64)
-        prefill_hits = int(np.count_nonzero(np.isin(needed, start)))
-        if mode == "disaggregated_warm":
-            seeds = warm_seed(prompt, n_experts, capacity, scope, warm_tokens, warm_decay)
-            initial = _with_seeds(start, seeds, capacity, scope, n_experts)
-        run = simulate_cache(decode_keys, policy, capacity, initial=initial, **options)
-        decode_mask, staging = run.hits_mask, n_experts
+    run, (prefill_hits,), decode_mask = _through_cache(initial, [needed], [prompt], decode_keys, mode, policy,
+                                                       capacity, options, warm_tokens, warm_decay)
+    staging = 0 if mode == "unified" else n_experts
     decode_hits = int(np.count_nonzero(decode_mask))
     decode_misses = decode_mask.size - decode_hits
     slots = capacity * (n_layers if scope == "per_layer" else 1) + staging
     prefill_loaded = (needed.size - prefill_hits) * expert_bytes
-    prefill_s = decode_s = float("nan")
-    if profile is not None:
-        mem, io = profile.mem_bandwidth_gbps * 1e9, profile.io_bandwidth_gbps * 1e9
-        prefill_s = (resident_bytes + prefill_hits * expert_bytes) / mem + prefill_loaded / io
-        decode_s = (len(decode) * resident_bytes + decode_hits * expert_bytes) / mem + \
-            decode_misses * expert_bytes / io
+    prefill_s = _seconds(profile, resident_bytes, prefill_hits, needed.size - prefill_hits, expert_bytes)
+    decode_s = _seconds(profile, len(decode) * resident_bytes, decode_hits, decode_misses, expert_bytes)
     return RequestResult(mode=mode, policy=policy, capacity=capacity, scope=scope, prefill_tokens=n_prompt,
                          decode_tokens=len(decode), prefill_accesses=int(needed.size), decode_hits=decode_hits,
                          decode_misses=decode_misses, prefill_loaded_bytes=prefill_loaded,
@@ -283,38 +301,16 @@ def simulate_serving(traces, n_experts: int, policy: str, capacity: int, mode: s
     n_layers, k, prompts = plan.n_layers, plan.top_k, plan.prompts
     options = {"lookahead": default_lookahead(n_layers, k) if lookahead is None else lookahead,
                "scope": scope, "n_experts": n_experts}
-    mem = io = float("nan")
-    if profile is not None:
-        mem, io = profile.mem_bandwidth_gbps * 1e9, profile.io_bandwidth_gbps * 1e9
     state = None
     totals = dict(prefill_hits=0, prefill_accesses=0, decode_hits=0, decode_misses=0, decode_steps=0,
                   decode_tokens=0, prefill_s=0.0, decode_s=0.0)
     for admitted, needed, decode_keys, step_sizes, step_tokens in plan.segments:
-        prefill_hits = []
-        if mode == "unified":
-            keys = np.concatenate([*needed, decode_keys])
-            run = simulate_cache(keys, policy, capacity, initial=state, **options) if keys.size else state
-            mask = run.hits_mask if keys.size else np.zeros(0, bool)
-            ends = np.cumsum([n.size for n in needed])
-            prefill_hits = [int(np.count_nonzero(part)) for part in np.split(mask[:ends[-1] if len(ends) else 0],
-                                                                                    ends[:-1])]
-            decode_mask = mask[sum(n.size for n in needed):]
-        else:
-            current = state.final_keys if isinstance(state, CacheResult) else np.zeros(0, np.int64)
-            for r, keys in zip(admitted, needed):
-                prefill_hits.append(int(np.count_nonzero(np.isin(keys, current))))
-                if mode == "disaggregated_warm":
-                    seeds = warm_seed(prompts[r], n_experts, capacity, scope, warm_tokens, warm_decay)
-                    current = _with_seeds(current, seeds, capacity, scope, n_experts)
-            initial = current if mode == "disaggregated_warm" else state
-            run = simulate_cache(decode_keys, policy, capacity, initial=initial, **options) if decode_keys.size \
-                else state
-            decode_mask = run.hits_mask if decode_keys.size else np.zeros(0, bool)
-        state = run
+        state, prefill_hits, decode_mask = _through_cache(state, needed, [prompts[r] for r in admitted], decode_keys,
+                                                          mode, policy, capacity, options, warm_tokens, warm_decay)
         for keys, hits in zip(needed, prefill_hits):
             totals["prefill_hits"] += hits
             totals["prefill_accesses"] += keys.size
-            totals["prefill_s"] += (resident_bytes + hits * expert_bytes) / mem + (keys.size - hits) * expert_bytes / io
+            totals["prefill_s"] += _seconds(profile, resident_bytes, hits, keys.size - hits, expert_bytes)
         if step_sizes.size:
             step_hits = np.add.reduceat(decode_mask.astype(np.int64), np.r_[0, np.cumsum(step_sizes)[:-1]])
             step_misses = step_sizes - step_hits
@@ -322,8 +318,7 @@ def simulate_serving(traces, n_experts: int, policy: str, capacity: int, mode: s
             totals["decode_misses"] += int(step_misses.sum())
             totals["decode_steps"] += int(step_sizes.size)
             totals["decode_tokens"] += int(step_tokens.sum())
-            totals["decode_s"] += float(np.sum((resident_bytes + step_hits * expert_bytes) / mem
-                                               + step_misses * expert_bytes / io))
+            totals["decode_s"] += float(np.sum(_seconds(profile, resident_bytes, step_hits, step_misses, expert_bytes)))
     slots = capacity * (n_layers if scope == "per_layer" else 1) + (0 if mode == "unified" else n_experts)
     accesses = totals["decode_hits"] + totals["decode_misses"]
     return {"mode": mode, "policy": policy, "capacity": capacity, "scope": scope, "batch": plan.batch,

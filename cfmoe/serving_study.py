@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from . import costmodel, data, moe, study
+from .cache_study import saved_at_levels
 from .config import StudyConfig
 from .determinism import make_deterministic
 from .provenance import save_figure, save_table
@@ -175,17 +176,15 @@ def predict(measured: pd.DataFrame, sizes: costmodel.ModelSizes, profile: costmo
 def memory_saved(measured: pd.DataFrame, shares, baseline: str = "base", candidate: str = "cfmoe") -> pd.DataFrame:
     """Measured memory CFMoE needs at the tokens/s the baseline reaches with `shares` of its experts cached."""
     rows = []
-    engine = measured[measured.tier != "in_memory"]
+    engine = measured[measured.tier != "in_memory"].rename(columns={"decode_tokens_per_s": "tokens_per_s"})
     for (tier, policy, mode), group in engine.groupby(["tier", "policy", "mode"], sort=False):
-        base = group[group.run == baseline].rename(columns={"decode_tokens_per_s": "tokens_per_s"})
-        cand = group[group.run == candidate].rename(columns={"decode_tokens_per_s": "tokens_per_s"})
+        base, cand = group[group.run == baseline], group[group.run == candidate]
         if base.empty or cand.empty:
             continue
-        levels = base.set_index("share").loc[list(shares)].tokens_per_s.to_numpy()
-        saved = costmodel.memory_at_equal_throughput(base, cand, levels)
-        rows.append(pd.DataFrame({"tier": tier, "policy": policy, "mode": mode, "share": list(shares),
-                                  "tokens_per_s": levels, "memory_base_gb": saved.memory_a,
-                                  "memory_cfmoe_gb": saved.memory_b, "memory_saved": saved.saved}))
+        table = saved_at_levels(base, cand, shares, column="share")
+        for i, (name, value) in enumerate((("tier", tier), ("policy", policy), ("mode", mode))):
+            table.insert(i, name, value)
+        rows.append(table)
     return pd.concat(rows, ignore_index=True)
 
 

@@ -21,7 +21,7 @@ def trace(seed, n_prompt=3, n_decode=6, n_layers=2, n_experts=8, k=2):
 def test_sample_rows_measure_the_decode_tokens():
     tok = tiny_tokenizer()
     traces = [trace(0), trace(1, n_decode=1)]
-    rows, per_layer = ecr_study.sample_rows(traces, tok, ["A", "B"], ["pa", "pb"], "cfmoe", "greedy", 2, 8)
+    rows, per_layer = ecr_study.sample_rows(traces, tok, ["A", "B"], ["pa", "pb"], "cfmoe", "greedy")
     first = rows[0]
     decode = traces[0].decode
     assert first["decode_ecr"] == pytest.approx(metrics.expert_consistency_rate(decode.experts))

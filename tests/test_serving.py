@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cfmoe import cache, moe
-from cfmoe.serving import MODES, ExpertStore, OffloadEngine, write_store
+from cfmoe.serving import ExpertStore, OffloadEngine, write_store
 from tiny_models import ARCHITECTURES, tiny_moe, tiny_tokenizer
 
 PROMPTS = ["the cat sat on the mat and", "routing is local"]
