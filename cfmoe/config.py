@@ -129,6 +129,7 @@ class ServingConfig:
     shares: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # budgets as shares of the routed experts
     policies: tuple[str, ...] = ("lru", "lfu")  # lfu runs in disaggregated mode; every mode runs lru
     modes: tuple[str, ...] = ("unified", "disaggregated", "disaggregated_warm")
+    prefetch: bool = True  # also measure LRU disaggregated with next-layer expert prefetch, on every tier
     tiers: tuple[str, ...] = ("direct", "throttled")
     full_tier: str = "throttled"  # every policy and mode runs on this tier; the others run LRU unified/disaggregated
     throttle_gbps: float = 4.5  # the authors' flash; 0 = scaled to this machine (`serving_study.scaled_bandwidth`)

@@ -195,20 +195,36 @@ def from_describe(info, bits_per_param: float | None = None, source_bytes_per_pa
                       expert_bytes * scale, get("resident_bytes") * scale)
 
 
-def tokens_per_second(sizes: ModelSizes, profile: DeviceProfile, hit_rate, compute_s_per_token: float = 0.0):
-    """Decode tokens/s at expert-cache hit rate(s) `hit_rate` (a float or an array).
+def tokens_per_second(sizes: ModelSizes, profile: DeviceProfile, hit_rate):
+    """The authors' decode tokens/s at expert-cache hit rate(s) `hit_rate` (a float or an array)."""
+    h = _hit_rates(hit_rate)
+    mem, io = profile.mem_bandwidth_gbps * 1e9, profile.io_bandwidth_gbps * 1e9
+    seconds = (sizes.w_resident + sizes.w_dynamic * h) / mem + sizes.w_dynamic * (1 - h) / io
+    return float(1 / seconds) if h.ndim == 0 else 1 / seconds
 
-    The authors' model is memory-bound and ignores compute; `compute_s_per_token` adds a measured floor
-    (what a small model on a CPU spends beyond reading its weights), which `notebook 05` calibrates.
-    """
+
+def offload_tokens_per_second(sizes: ModelSizes, hit_rate, floor_s: float, load_s_per_expert: float):
+    """Decode tokens/s of a real offloading engine: a measured per-token floor (everything a token costs with
+    all its experts cached: compute, memory reads, framework) plus, for each of its top_k * n_layers expert
+    accesses that misses, the measured time to read one expert and copy it into fast memory.
+
+    The authors' model prices a miss at streaming bandwidth and a token at its bytes over memory bandwidth;
+    both constants here are measured at the engine's own granularity instead (notebook 05)."""
+    h = _hit_rates(hit_rate)
+    for name, value in (("floor_s", floor_s), ("load_s_per_expert", load_s_per_expert)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    seconds = floor_s + sizes.top_k * sizes.n_layers * (1 - h) * load_s_per_expert
+    if np.any(seconds <= 0):
+        raise ValueError("floor_s and load_s_per_expert are both 0: a token would take no time")
+    return float(1 / seconds) if h.ndim == 0 else 1 / seconds
+
+
+def _hit_rates(hit_rate) -> np.ndarray:
     h = np.asarray(hit_rate, dtype=float)
     if np.any(~((h >= 0) & (h <= 1))):
         raise ValueError(f"hit_rate must lie in [0, 1], got {hit_rate!r}")
-    if not compute_s_per_token >= 0:
-        raise ValueError(f"compute_s_per_token must be >= 0 seconds, got {compute_s_per_token!r}")
-    mem, io = profile.mem_bandwidth_gbps * 1e9, profile.io_bandwidth_gbps * 1e9
-    seconds = compute_s_per_token + (sizes.w_resident + sizes.w_dynamic * h) / mem + sizes.w_dynamic * (1 - h) / io
-    return float(1 / seconds) if h.ndim == 0 else 1 / seconds
+    return h
 
 
 def memory_bytes(sizes: ModelSizes, capacity):

@@ -33,6 +33,7 @@ import mmap
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,11 +174,33 @@ class ExpertStore:
         return out
 
 
+def measure_load_seconds(store: ExpertStore, n: int = 64, seed: int = 0,
+                         device: str | torch.device = "cpu") -> float:
+    """Median seconds to read one expert from `store` and copy it into fast memory (a scratch slot on
+    `device`), over `n` random (layer, expert): what one miss costs the engine, at expert granularity."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1 reads, got {n!r}")
+    keys = sorted(store.spans)
+    picks = np.random.default_rng(seed).choice(len(keys), size=n)
+    scratch = {name: torch.empty(shape, dtype=dtype, device=device) for name, dtype, shape, _, _ in store.tensors[keys[0]]}
+    seconds = []
+    for i in picks:
+        started = time.perf_counter()
+        for name, value in store.read(*keys[i]).items():
+            scratch[name].copy_(value)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return float(np.median(seconds))
+
+
 class SlotCache:
-    """Which (layer, expert) sits in which fast-memory slot, and the policy's victim choice.
+    """Which (layer, expert) sits in which fast-memory slot, and the policy's victim choice, in O(1) per access.
 
     `lru` evicts the least recently used; `lfu` the fewest accesses since insertion, ties least recently used
-    (the semantics of `cfmoe.cache`). With `per_layer` scope each layer owns `capacity` slots.
+    (the semantics of `cfmoe.cache`). With `per_layer` scope each layer owns `capacity` slots. Each pool keeps
+    its entries in buckets by access count (one bucket for LRU), each bucket in recency order, so the victim is
+    the first key, skipping the pinned ones, of the lowest bucket.
     """
 
     def __init__(self, capacity: int, policy: str, scope: str, n_layers: int):
@@ -186,9 +209,8 @@ class SlotCache:
         self.n_slots = capacity * pools
         self.free = {pool: list(range(pool * capacity, (pool + 1) * capacity))[::-1] for pool in range(pools)}
         self.slot: dict[tuple[int, int], int] = {}
-        self.last: dict[tuple[int, int], int] = {}
         self.count: dict[tuple[int, int], int] = {}
-        self.clock = 0
+        self.buckets: dict[int, dict[int, dict]] = {pool: {} for pool in range(pools)}  # pool -> count -> keys
 
     def _pool(self, key) -> int:
         return key[0] if self.scope == "per_layer" else 0
@@ -197,9 +219,16 @@ class SlotCache:
         return self.slot.get(key)
 
     def touch(self, key) -> None:
-        self.clock += 1
-        self.last[key] = self.clock
-        self.count[key] += 1
+        buckets = self.buckets[self._pool(key)]
+        old = self.count[key]
+        del buckets[old][key]
+        if not buckets[old]:
+            del buckets[old]
+        self._file(key, old + 1 if self.policy == "lfu" else 0)
+
+    def _file(self, key, count: int) -> None:
+        self.count[key] = count
+        self.buckets[self._pool(key)].setdefault(count, {})[key] = None  # insertion order: most recent last
 
     def insert(self, key, pinned) -> tuple[int, tuple | None]:
         """A slot for `key` (a free one, or a victim's not in `pinned`); returns (slot, evicted key)."""
@@ -208,22 +237,23 @@ class SlotCache:
         if self.free[pool]:
             slot = self.free[pool].pop()
         else:
-            candidates = [k for k in self.slot if self._pool(k) == pool and k not in pinned]
-            if not candidates:
+            buckets = self.buckets[pool]
+            evicted = next((k for count in sorted(buckets) for k in buckets[count] if k not in pinned), None)
+            if evicted is None:
                 raise RuntimeError("no evictable slot: every cached expert is needed by the current call")
-            rank = (lambda k: self.last[k]) if self.policy == "lru" else (lambda k: (self.count[k], self.last[k]))
-            evicted = min(candidates, key=rank)
+            count = self.count.pop(evicted)
+            del buckets[count][evicted]
+            if not buckets[count]:
+                del buckets[count]
             slot = self.slot.pop(evicted)
-            del self.last[evicted], self.count[evicted]
         self.slot[key] = slot
-        self.count[key] = 0
-        self.touch(key)
+        self._file(key, 1 if self.policy == "lfu" else 0)  # inserted by an access
         return slot, evicted
 
     def room(self, key, pinned) -> int:
         """Slots `key`'s pool could give a new entry now without evicting a pinned one."""
         pool = self._pool(key)
-        return len(self.free[pool]) + sum(1 for k in self.slot if self._pool(k) == pool and k not in pinned)
+        return self.capacity - sum(1 for k in pinned if self._pool(k) == pool and k in self.slot)
 
 
 @dataclass
@@ -233,11 +263,15 @@ class Counters:
     hits: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     misses: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     bytes_read: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
-    load_seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
+    load_seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})  # waited on, demand + prefetch
     seeded: int = 0
+    prefetched: int = 0  # experts loaded ahead of their layer (decode), in the background
+    prefetch_used: int = 0  # of those, accessed by their layer (counted as hits there)
+    prefetch_seconds: float = 0.0  # background time spent on them
 
     def row(self) -> dict:
-        out = {"seeded": self.seeded}
+        out = {"seeded": self.seeded, "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,
+               "prefetch_seconds": self.prefetch_seconds}
         for name in ("hits", "misses", "bytes_read", "load_seconds"):
             for phase, value in getattr(self, name).items():
                 out[f"{phase}_{name}"] = value
@@ -252,7 +286,7 @@ class OffloadEngine:
     def __init__(self, model: torch.nn.Module, store_path: str | os.PathLike, capacity: int, policy: str = "lru",
                  scope: str = "global", mode: str = "disaggregated", tier: str = "direct",
                  bandwidth_gbps: float | None = None, warm_tokens: int = 8, warm_decay: float = 0.5,
-                 write: bool = True):
+                 prefetch: bool = False, write: bool = True):
         for value, valid, what in ((policy, POLICIES, "policy"), (scope, SCOPES, "scope"), (mode, MODES, "mode")):
             if value not in valid:
                 raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
@@ -282,6 +316,12 @@ class OffloadEngine:
         self.warm_tokens, self.warm_decay = warm_tokens, warm_decay
         self.counters = Counters()
         self.phase = "prefill"
+        self.prefetch = bool(prefetch)
+        self._pending = None  # the background prefetch in flight: a future of its seconds
+        self._ahead: set[tuple[int, int]] = set()  # prefetched keys not yet accessed
+        if self.prefetch:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cfmoe-prefetch")
+            self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._staged: dict[int, int] = {}  # expert -> staging slot of the layer being prefilled
 
         first = expert_parameters(info.layers[0].experts, n_experts)
@@ -313,11 +353,13 @@ class OffloadEngine:
             ids = kwargs.get("inputs_embeds")
         self.phase = "prefill" if ids.shape[1] > 1 else "decode"
 
+    def _copy_in(self, layer: int, expert: int, slot: int, non_blocking: bool = False) -> None:
+        for name, value in self.store.read(layer, expert).items():
+            self.pool[name].data[slot].copy_(value, non_blocking=non_blocking)
+
     def _load(self, layer: int, expert: int, slot: int) -> None:
         started = time.perf_counter()
-        tensors = self.store.read(layer, expert)
-        for name, value in tensors.items():
-            self.pool[name].data[slot].copy_(value, non_blocking=False)
+        self._copy_in(layer, expert, slot)
         self.counters.misses[self.phase] += 1
         self.counters.bytes_read[self.phase] += self.expert_bytes
         self.counters.load_seconds[self.phase] += time.perf_counter() - started
@@ -336,6 +378,9 @@ class OffloadEngine:
             if slot is not None:
                 self.cache.touch(key)
                 self.counters.hits[phase] += 1
+                if key in self._ahead:
+                    self._ahead.discard(key)
+                    self.counters.prefetch_used += 1
             elif stream:
                 slot = self.cache.n_slots + expert
                 self._load(layer, expert, slot)
@@ -344,7 +389,8 @@ class OffloadEngine:
                 if self.cache.room(key, pinned) == 0:  # the group is full: compute it, then start another
                     yield current
                     current, pinned = {}, set()
-                slot, _ = self.cache.insert(key, pinned)
+                slot, evicted = self.cache.insert(key, pinned)
+                self._ahead.discard(evicted)
                 self._load(layer, expert, slot)
             current[expert] = slot
             pinned.add(key)
@@ -366,13 +412,57 @@ class OffloadEngine:
             if self.cache.lookup(key) is not None:
                 self.cache.touch(key)
                 continue
-            slot, _ = self.cache.insert(key, set())
+            slot, evicted = self.cache.insert(key, set())
+            self._ahead.discard(evicted)
             for name in self.pool:
                 self.pool[name].data[slot].copy_(self.pool[name].data[self._staged[expert]])
             self.counters.seeded += 1
 
+    def _wait(self) -> None:
+        """Let the prefetch in flight finish (its slots are about to be used); the wait counts as load time."""
+        if self._pending is not None:
+            started = time.perf_counter()
+            self.counters.prefetch_seconds += self._pending.result()
+            self.counters.load_seconds[self.phase] += time.perf_counter() - started
+            self._pending = None
+
+    def _prefetch(self, layer: int, hidden_states: torch.Tensor, pinned: set) -> None:
+        """Start loading the experts `layer`'s router would pick for `hidden_states` (the previous layer's
+        input: the residual stream changes little between layers) into cache slots, in the background."""
+        router = self.info.layers[layer].router
+        predicted = router.forward(hidden_states)[-1]  # .forward: no hooks, this is not the model's routing
+        jobs, pinned = [], set(pinned)
+        for expert in dict.fromkeys(predicted.reshape(-1).tolist()):
+            key = (layer, expert)
+            if self.cache.lookup(key) is not None:
+                continue
+            if self.cache.room(key, pinned) == 0:
+                break
+            slot, evicted = self.cache.insert(key, pinned)
+            self._ahead.discard(evicted)
+            self._ahead.add(key)
+            pinned.add(key)
+            jobs.append((key, slot))
+        if jobs:
+            self.counters.prefetched += len(jobs)
+            self.counters.bytes_read[self.phase] += len(jobs) * self.expert_bytes
+            self._pending = self._executor.submit(self._fetch, jobs)
+
+    def _fetch(self, jobs) -> float:
+        started = time.perf_counter()
+        if self._stream is None:
+            for (layer, expert), slot in jobs:
+                self._copy_in(layer, expert, slot)
+        else:  # a side stream overlaps the copies with the layer's compute; done when this returns
+            with torch.cuda.stream(self._stream):
+                for (layer, expert), slot in jobs:
+                    self._copy_in(layer, expert, slot, non_blocking=True)
+            self._stream.synchronize()
+        return time.perf_counter() - started
+
     def _forward(self, layer: int, original):
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            self._wait()
             flat = top_k_index.reshape(-1).tolist()
             needed = list(dict.fromkeys(flat))  # first-occurrence order: a token's experts in router order
             self._staged = {}
@@ -388,6 +478,8 @@ class OffloadEngine:
                     inside = slots >= 0
                     index = torch.where(inside, slots, next(iter(group.values())))
                     weights = top_k_weights * inside.to(top_k_weights.dtype)
+                if self.prefetch and single and self.phase == "decode" and layer + 1 < len(self.info.layers):
+                    self._prefetch(layer + 1, hidden_states, {(layer, e) for e in group})
                 y = original(hidden_states, index, weights, *args, **kwargs)
                 out = y if out is None else out + y
             if self.mode == "disaggregated_warm" and self.phase == "prefill":
@@ -396,6 +488,7 @@ class OffloadEngine:
         return forward
 
     def reset_counters(self) -> None:
+        self._wait()
         self.counters = Counters()
         self.store.bytes_read, self.store.read_seconds = 0, 0.0
 
@@ -403,6 +496,11 @@ class OffloadEngine:
     def generate(self, input_ids: torch.Tensor, attention_mask=None, **generate_kwargs) -> tuple[torch.Tensor, dict]:
         """`model.generate` through the engine; returns the sequences and this call's measurements."""
         self.reset_counters()
+        cuda = self.pool[next(iter(self.pool))].device.type == "cuda"
+        if cuda:  # peak fast-tier bytes during this call, next to what it started with
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            memory = {"cuda_start_bytes": torch.cuda.memory_allocated()}
         times = []
         hook = self.model.register_forward_hook(lambda *a: times.append(time.perf_counter()))
         started = time.perf_counter()
@@ -410,12 +508,17 @@ class OffloadEngine:
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         finally:
             hook.remove()
+            self._wait()
+        if cuda:
+            torch.cuda.synchronize()
+            memory["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
         new_tokens = out.shape[1] - input_ids.shape[1]
         ttft = times[0] - started
         decode_s = times[-1] - times[0] if len(times) > 1 else float("nan")
-        stats = {"tier": self.tier, "mode": self.mode, "policy": self.cache.policy, "scope": self.cache.scope,
+        stats = {"tier": self.tier, "mode": self.mode, "prefetch": self.prefetch, "policy": self.cache.policy,
+                 "scope": self.cache.scope,
                  "capacity": self.cache.capacity, "slots": self.n_slots, "pool_bytes": self.pool_bytes,
                  "new_tokens": new_tokens, "ttft_s": ttft, "decode_s": decode_s,
                  "decode_tokens_per_s": (len(times) - 1) * input_ids.shape[0] / decode_s if len(times) > 1 else float("nan"),
-                 **self.counters.row()}
+                 **self.counters.row(), **(memory if cuda else {})}
         return out, stats

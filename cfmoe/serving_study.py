@@ -23,7 +23,7 @@ from .cache_study import saved_at_levels
 from .config import StudyConfig
 from .determinism import make_deterministic
 from .provenance import save_figure, save_table
-from .serving import OffloadEngine, write_store
+from .serving import ExpertStore, OffloadEngine, measure_load_seconds, write_store
 
 SERVING = "05_serving"
 
@@ -52,25 +52,51 @@ def scaled_bandwidth(sizes: costmodel.ModelSizes, seconds_per_token: float, bits
 @torch.no_grad()
 def in_memory(lm, requests, kwargs) -> tuple[list[torch.Tensor], dict]:
     """The unmodified model's outputs and decode speed on the requests (the reference)."""
-    times, outputs, ttft, decode_s, steps = [], [], [], 0.0, 0
+    times, outputs, ttft, decode_s, steps, transient = [], [], [], 0.0, 0, 0
+    cuda = next(lm.parameters()).device.type == "cuda"
     hook = lm.register_forward_hook(lambda *a: times.append(time.perf_counter()))
     try:
         for ids in requests:
             times.clear()
+            start_bytes = _reset_cuda_peak() if cuda else 0
             started = time.perf_counter()
             outputs.append(lm.generate(input_ids=ids, **kwargs))
             ttft.append(times[0] - started)
             decode_s += times[-1] - times[0]
             steps += len(times) - 1
+            if cuda:
+                transient = max(transient, torch.cuda.max_memory_allocated() - start_bytes)
     finally:
         hook.remove()
-    return outputs, {"ttft_s": float(np.mean(ttft)), "decode_tokens_per_s": steps / decode_s}
+    extra = {"cuda_transient_bytes": transient} if cuda else {}
+    return outputs, {"ttft_s": float(np.mean(ttft)), "decode_tokens_per_s": steps / decode_s, **extra}
+
+
+def _reset_cuda_peak() -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def engine_run(lm, store, requests, reference, kwargs, **engine_kwargs) -> dict:
-    """Serve the requests in order through one engine (its cache carries over); summed measurements."""
+    """Serve the requests in order through one engine (its cache carries over); summed measurements.
+
+    On CUDA the budget is also checked from the allocator: the engine's model copy may hold only its
+    resident weights, buffers and slot pool (each tensor rounded up to the allocator's 512-byte blocks)."""
+    cuda = next(lm.parameters()).device.type == "cuda"
+    before = _reset_cuda_peak() if cuda else 0
     model = copy.deepcopy(lm)
     engine = OffloadEngine(model, store, write=False, **engine_kwargs)
+    memory = {}
+    if cuda:
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+        allowed = sum(-(-t.numel() * t.element_size() // 512) * 512 for t in tensors)
+        if held > allowed:
+            raise AssertionError(f"the engine's model holds {held} bytes of GPU memory, more than its resident weights,"
+                                 f" buffers and slot pool ({allowed} bytes): the fast tier exceeds its budget")
+        memory = {"cuda_engine_bytes": held, "cuda_allowed_bytes": allowed}
     rows, identical = [], True
     for ids, expected in zip(requests, reference):
         out, stats = engine.generate(ids, **kwargs)
@@ -78,13 +104,16 @@ def engine_run(lm, store, requests, reference, kwargs, **engine_kwargs) -> dict:
         rows.append(stats)
     frame = pd.DataFrame(rows)
     steps = (frame.new_tokens - 1).sum()
-    summed = frame[[c for c in frame.columns if c.endswith(("_hits", "_misses", "_bytes_read", "_load_seconds"))]].sum()
+    counts = ("_hits", "_misses", "_bytes_read", "_load_seconds", "prefetched", "prefetch_used", "prefetch_seconds")
+    summed = frame[[c for c in frame.columns if c.endswith(counts)]].sum()
     decode_accesses = summed.decode_hits + summed.decode_misses
+    if cuda:
+        memory["cuda_transient_bytes"] = int((frame.cuda_peak_bytes - frame.cuda_start_bytes).max())
     result = {"slots": engine.n_slots, "pool_bytes": engine.pool_bytes, "identical": identical,
               "ttft_s": frame.ttft_s.mean(), "decode_tokens_per_s": steps / frame.decode_s.sum(),
-              **summed.to_dict(), "decode_hit_rate": summed.decode_hits / decode_accesses,
+              "decode_steps": int(steps), **summed.to_dict(), "decode_hit_rate": summed.decode_hits / decode_accesses,
               "decode_misses_per_token": summed.decode_misses / steps,
-              "decode_load_share": summed.decode_load_seconds / frame.decode_s.sum()}
+              "decode_load_share": summed.decode_load_seconds / frame.decode_s.sum(), **memory}
     engine.store.close()
     return result
 
@@ -96,80 +125,116 @@ def serving_stage(cfg: StudyConfig, force: bool = False) -> dict:
     sc = cfg.serving
     models, tokenizer = study.load_runs(cfg)
     info = moe.describe(models["base"])
+    device = next(models["base"].parameters()).device
     n_routed = len(info.layers) * info.n_experts
     sizes = costmodel.from_describe(info)
     task = data.entry_task("test").select(range(sc.requests))
-    requests = [tokenizer(p, return_tensors="pt")["input_ids"] for p in task["prompt"]]
+    requests = [tokenizer(p, return_tensors="pt")["input_ids"].to(device) for p in task["prompt"]]
     kwargs = _generate_kwargs(tokenizer, sc.new_tokens, cfg.ecr.repetition_penalty)
     store_dir = cfg.artifacts_dir / "expert_stores"
     store_dir.mkdir(parents=True, exist_ok=True)
     profile = costmodel.measure_profile(store_dir, size_mb=sc.profile_mb)
+    if device.type == "cuda":  # the fast tier is the GPU's memory
+        profile = costmodel.custom_profile("measured", _cuda_copy_gbps(device, sc.profile_mb), profile.io_bandwidth_gbps,
+                                           notes=f"memory: device-to-device copy on {torch.cuda.get_device_name(device)}; "
+                                                 + profile.notes.split("; ", 1)[1])
 
-    rows, bandwidth = [], {}
-    combos = [("lru", mode) for mode in sc.modes] + [(p, "disaggregated") for p in sc.policies if p != "lru"]
+    combos = [("lru", mode, False) for mode in sc.modes] + [("lru", "disaggregated", True)] * sc.prefetch + \
+        [(p, "disaggregated", False) for p in sc.policies if p != "lru"]
+    partial = [c for c in combos if c[0] == "lru" and c[1] in ("unified", "disaggregated")]  # the other tiers
+    rows, bandwidth, load_s = [], {}, {}
     for run in sc.runs:
         lm = models[run]
         in_memory(lm, requests[:1], {**kwargs, "max_new_tokens": 2})  # warm-up
         reference, ref = in_memory(lm, requests, kwargs)
-        if not bandwidth:  # fixed once, from the first run's in-memory speed, for every run
+        rows.append({"run": run, "tier": "in_memory", "policy": "", "mode": "in_memory", "prefetch": False,
+                     "share": 1.0, "capacity": n_routed, "memory_gb": info.total_bytes / 1e9, "identical": True, **ref,
+                     "decode_hit_rate": 1.0, "decode_misses_per_token": 0.0})
+        store = write_store(lm, store_dir / f"{run}.safetensors")
+        if not bandwidth:  # fixed once, from the first run's in-memory speed and store, for every run
             bandwidth = {tier: (sc.throttle_gbps or scaled_bandwidth(sizes, 1 / ref["decode_tokens_per_s"],
                                                                       cfg.cache.bits_per_param))
                          if tier == "throttled" else None for tier in sc.tiers}
-        rows.append({"run": run, "tier": "in_memory", "policy": "", "mode": "in_memory", "share": 1.0,
-                     "capacity": n_routed, "memory_gb": info.total_bytes / 1e9, "identical": True, **ref,
-                     "decode_hit_rate": 1.0, "decode_misses_per_token": 0.0})
-        store = write_store(lm, store_dir / f"{run}.safetensors")
+            for tier in sc.tiers:
+                reader = ExpertStore(store, tier, bandwidth[tier], device)
+                load_s[tier] = measure_load_seconds(reader, device=device)
+                reader.close()
         for tier in sc.tiers:
             for share in sc.shares:
                 capacity = int(max(info.top_k, round(share * n_routed)))
-                for policy, mode in (combos if tier == sc.full_tier else combos[:2]):
+                for policy, mode, prefetch in (combos if tier == sc.full_tier else partial):
                     result = engine_run(lm, store, requests, reference, kwargs, capacity=capacity, policy=policy,
-                                        mode=mode, tier=tier, bandwidth_gbps=bandwidth[tier])
-                    rows.append({"run": run, "tier": tier, "io_gbps": bandwidth[tier], "policy": policy, "mode": mode,
-                                 "share": share,
-                                 "capacity": capacity,
-                                 "memory_gb": (info.resident_bytes + result["pool_bytes"]) / 1e9, **result})
+                                        mode=mode, tier=tier, bandwidth_gbps=bandwidth[tier], prefetch=prefetch)
+                    rows.append({"run": run, "tier": tier, "io_gbps": bandwidth[tier], "policy": policy,
+                                 "mode": mode + "+prefetch" * prefetch, "prefetch": prefetch, "share": share,
+                                 "capacity": capacity, "memory_gb": (info.resident_bytes + result["pool_bytes"]) / 1e9,
+                                 **result})
     measured = pd.DataFrame(rows)
     in_mem = measured[measured.tier == "in_memory"].set_index("run").decode_tokens_per_s
     measured["vs_in_memory"] = measured.decode_tokens_per_s / measured.run.map(in_mem)
 
-    prediction = predict(measured, sizes, profile)
+    prediction = predict(measured, sizes, profile, load_s)
     levels = [s for s in sc.shares if s in (0.25, 0.5, 0.75)] or list(sc.shares)
     saved = memory_saved(measured, levels)
     keys = ["run", "tier", "policy", "mode", "share"]
-    predicted = measured.merge(prediction[keys + ["calibrated_tokens_per_s"]], on=keys, how="left")
+    predicted = measured.merge(prediction[keys + ["calibrated_tokens_per_s"]], on=keys, how="inner")
     predicted["decode_tokens_per_s"] = predicted.calibrated_tokens_per_s
     saved = saved.merge(memory_saved(predicted, levels)[["tier", "policy", "mode", "share", "memory_saved"]]
                         .rename(columns={"memory_saved": "predicted_memory_saved"}),
                         on=["tier", "policy", "mode", "share"], how="left")
-    extra = {"profile": vars(profile), "requests": sc.requests, "new_tokens": sc.new_tokens,
-             "throttled_gbps": bandwidth.get("throttled"), "paper_io_ratio": paper_io_ratio(cfg.cache.bits_per_param),
-             "threads": torch.get_num_threads()}
+    extra = {"profile": vars(profile), "load_seconds_per_expert": load_s, "requests": sc.requests,
+             "new_tokens": sc.new_tokens, "throttled_gbps": bandwidth.get("throttled"),
+             "paper_io_ratio": paper_io_ratio(cfg.cache.bits_per_param), "threads": torch.get_num_threads(),
+             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     save_table(measured, out / "measurements", cfg, **extra)
     save_table(prediction, out / "prediction", cfg, **extra)
     save_table(saved, out / "memory_saved", cfg, **extra)
-    return {"measured": measured, "prediction": prediction, "saved": saved, "profile": profile, "info": info}
+    return {"measured": measured, "prediction": prediction, "saved": saved, "profile": profile, "load_s": load_s,
+            "info": info}
 
 
-def predict(measured: pd.DataFrame, sizes: costmodel.ModelSizes, profile: costmodel.DeviceProfile) -> pd.DataFrame:
-    """The cost model's decode tokens/s at each run's measured hit rate: the authors' (memory-bound) and a
-    calibrated one with a compute floor from the same model's in-memory run and the tier's read bandwidth."""
+def _cuda_copy_gbps(device, size_mb: float, repeats: int = 5) -> float:
+    """Bytes per second a device-to-device copy of `size_mb` MB moves on `device` (median of `repeats`)."""
+    n = int(size_mb * 1e6)
+    source, target = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
+    seconds = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        target.copy_(source)
+        torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return n / float(np.median(seconds)) / 1e9
+
+
+def predict(measured: pd.DataFrame, sizes: costmodel.ModelSizes, profile: costmodel.DeviceProfile,
+            load_s: dict) -> pd.DataFrame:
+    """The cost models' decode tokens/s at each engine run's measured hit rate (prefetch runs left out: their
+    background reads are in neither model).
+
+    - the authors' (memory-bound): resident + cached bytes at memory bandwidth, missed experts at the tier's
+      bandwidth: the stated one when throttled, the profile's file read for `direct`/`page_cache`, and for
+      `host` the rate of one measured expert copy;
+    - calibrated (`costmodel.offload_tokens_per_second`): a per-token floor, the decode time outside expert
+      loads of the (run, tier)'s largest-budget unified LRU run (the `calibration` row), plus each miss at
+      `load_s[tier]`, the measured seconds to read one expert and copy it into fast memory."""
     rows = []
-    for run, group in measured.groupby("run", sort=False):
-        ref = group[group.tier == "in_memory"].iloc[0]
-        memory_s = (sizes.w_resident + sizes.w_dynamic) / (profile.mem_bandwidth_gbps * 1e9)
-        floor = max(0.0, 1 / ref.decode_tokens_per_s - memory_s)
-        for r in group[group.tier != "in_memory"].itertuples():
-            io = r.io_gbps if r.tier == "throttled" else profile.io_bandwidth_gbps
-            device = costmodel.custom_profile(r.tier, profile.mem_bandwidth_gbps, io)
+    engine = measured[(measured.tier != "in_memory") & ~measured.prefetch.astype(bool)]
+    for (run, tier), group in engine.groupby(["run", "tier"], sort=False):
+        anchor = group[(group["mode"] == "unified") & (group.policy == "lru")].sort_values("share").iloc[-1]
+        floor = 1 / anchor.decode_tokens_per_s - anchor.decode_load_seconds / anchor.decode_steps
+        io = group.io_gbps.iloc[0] if tier == "throttled" else \
+            sizes.expert_bytes / load_s[tier] / 1e9 if tier == "host" else profile.io_bandwidth_gbps
+        device = costmodel.custom_profile(tier, profile.mem_bandwidth_gbps, io)
+        for r in group.itertuples():
             authors = costmodel.tokens_per_second(sizes, device, r.decode_hit_rate)
-            calibrated = costmodel.tokens_per_second(sizes, device, r.decode_hit_rate, compute_s_per_token=floor)
-            rows.append({"run": run, "tier": r.tier, "policy": r.policy, "mode": r.mode, "share": r.share,
-                         "decode_hit_rate": r.decode_hit_rate, "measured_tokens_per_s": r.decode_tokens_per_s,
-                         "authors_model_tokens_per_s": authors, "calibrated_tokens_per_s": calibrated,
-                         "authors_model_error": authors / r.decode_tokens_per_s - 1,
-                         "calibrated_error": calibrated / r.decode_tokens_per_s - 1, "compute_floor_s": floor,
-                         "io_gbps": io})
+            calibrated = costmodel.offload_tokens_per_second(sizes, r.decode_hit_rate, floor, load_s[tier])
+            rows.append({"run": run, "tier": tier, "policy": r.policy, "mode": r.mode, "share": r.share,
+                         "calibration": r.Index == anchor.name, "decode_hit_rate": r.decode_hit_rate,
+                         "measured_tokens_per_s": r.decode_tokens_per_s, "authors_model_tokens_per_s": authors,
+                         "calibrated_tokens_per_s": calibrated, "authors_model_error": authors / r.decode_tokens_per_s - 1,
+                         "calibrated_error": calibrated / r.decode_tokens_per_s - 1, "floor_s": floor,
+                         "load_s_per_expert": load_s[tier], "io_gbps": io})
     return pd.DataFrame(rows)
 
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from cfmoe.costmodel import (PROFILES, DeviceProfile, ModelSizes, custom_profile, deepseek_moe_16b, from_describe,
-                             measure_profile, memory_at_equal_throughput, memory_bytes, throughput_curve,
-                             tokens_per_second)
+                             measure_profile, memory_at_equal_throughput, memory_bytes, offload_tokens_per_second,
+                             throughput_curve, tokens_per_second)
 
 TOY = ModelSizes("toy", n_layers=2, n_experts=4, top_k=1, expert_bytes=10e9, resident_bytes=20e9)
 
@@ -22,6 +22,12 @@ def test_formula_on_hand_numbers():
     assert tokens_per_second(TOY, device, np.array([0.0, 1.0])) == pytest.approx([1 / 22, 1 / 4])
     assert memory_bytes(TOY, 3) == 50e9
     assert list(memory_bytes(TOY, np.array([0, 8]))) == [20e9, 100e9]
+
+
+def test_offload_model_on_hand_numbers():
+    # 2 layers x top-1 = 2 accesses per token; h = 0.25: 0.01 + 2 * 0.75 * 0.004 = 0.016 s per token
+    assert offload_tokens_per_second(TOY, 0.25, floor_s=0.01, load_s_per_expert=0.004) == pytest.approx(1 / 0.016)
+    assert offload_tokens_per_second(TOY, np.array([1.0, 0.0]), 0.01, 0.004) == pytest.approx([100, 1 / 0.018])
 
 
 def test_deepseek_reproduces_the_authors_sizes():
@@ -89,6 +95,8 @@ def test_measure_profile_is_positive_and_labelled():
 @pytest.mark.parametrize("call, message", [
     (lambda: DeviceProfile("x", 0, 1), "mem_bandwidth_gbps must be a positive finite number of GB/s, got 0"),
     (lambda: tokens_per_second(TOY, PROFILES["cpu"], 1.5), "hit_rate must lie in \\[0, 1\\], got 1.5"),
+    (lambda: offload_tokens_per_second(TOY, 0.5, -1, 0.1), "floor_s must be a finite number of seconds >= 0, got -1"),
+    (lambda: offload_tokens_per_second(TOY, 0.5, 0, 0), "a token would take no time"),
     (lambda: memory_bytes(TOY, 9), "capacity must lie in \\[0, 8\\] \\(the model's routed experts\\), got 9"),
     (lambda: throughput_curve(TOY, PROFILES["cpu"], [1, 2], [0.5]), "must be 1-D of one length"),
     (lambda: memory_at_equal_throughput(curve([], []), curve([1], [1]), [1]), "curve_a must be a non-empty"),

@@ -30,11 +30,12 @@ def test_greedy_generation_is_token_identical_across_budgets_and_modes(arch, tmp
     with torch.no_grad():
         expected = reference(lm, ids, mask)
         logits = lm(input_ids=ids, attention_mask=mask).logits
-    for capacity, mode, policy in [(2, "unified", "lru"), (3, "disaggregated", "lfu"), (5, "disaggregated_warm", "lru"),
-                                   (16, "unified", "lfu")]:
+    for capacity, mode, policy, prefetch in [(2, "unified", "lru", False), (3, "disaggregated", "lfu", False),
+                                             (5, "disaggregated_warm", "lru", False), (16, "unified", "lfu", False),
+                                             (4, "disaggregated", "lru", True), (6, "unified", "lfu", True)]:
         model = copy.deepcopy(lm)
         engine = OffloadEngine(model, tmp_path / f"{arch}.safetensors", capacity, policy=policy, mode=mode,
-                               tier="page_cache")
+                               tier="page_cache", prefetch=prefetch)
         out, stats = engine.generate(ids, mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert torch.equal(out, expected), (capacity, mode, policy)
         with torch.no_grad():
@@ -45,15 +46,17 @@ def test_greedy_generation_is_token_identical_across_budgets_and_modes(arch, tmp
         assert held == info.total_bytes - info.routed_expert_bytes + engine.pool_bytes
         assert engine.n_slots == capacity + (0 if mode == "unified" else 8)
         assert stats["new_tokens"] == 12 and stats["decode_misses"] >= 0
+        assert (stats["prefetched"] > 0) == prefetch and stats["prefetch_used"] <= stats["prefetched"]
 
 
-def test_engine_hits_follow_the_cache_semantics(tmp_path):
-    """Decode under LRU through the engine = the simulator on the accesses the engine saw."""
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_engine_hits_follow_the_cache_semantics(policy, tmp_path):
+    """Decode through the engine = the simulator, under the same policy, on the accesses the engine saw."""
     lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=3), tiny_tokenizer()
     ids = tok(["the cat sat"], return_tensors="pt")["input_ids"]
     accesses = []
     model = copy.deepcopy(lm)
-    engine = OffloadEngine(model, tmp_path / "s.safetensors", 4, policy="lru", mode="disaggregated", tier="direct")
+    engine = OffloadEngine(model, tmp_path / "s.safetensors", 4, policy=policy, mode="disaggregated", tier="direct")
     place = engine._place
 
     def spy(layer, experts):
@@ -63,7 +66,7 @@ def test_engine_hits_follow_the_cache_semantics(tmp_path):
 
     engine._place = spy
     _, stats = engine.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
-    sim = cache.simulate_cache(np.array(accesses), "lru", 4, n_experts=8)
+    sim = cache.simulate_cache(np.array(accesses), policy, 4, n_experts=8)
     assert (stats["decode_hits"], stats["decode_misses"]) == (sim.hits, sim.misses)
     assert stats["decode_bytes_read"] == sim.misses * engine.expert_bytes
 
@@ -98,3 +101,23 @@ def test_bad_budgets_stores_and_policies_get_one_line_errors(tmp_path):
         ExpertStore(path)
     with pytest.raises(ValueError, match="unknown tier 'ssd'"):
         ExpertStore(tmp_path / "a.safetensors", "ssd")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tier", ["host", "throttled"])
+def test_cuda_engine_is_token_identical_and_the_allocator_holds_the_budget(tier, tmp_path):
+    from cfmoe.serving_study import engine_run
+
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=3), tiny_tokenizer()
+    lm = lm.cuda()
+    ids = tok(["the cat sat on the mat and"], return_tensors="pt")["input_ids"].cuda()
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        expected = lm.generate(input_ids=ids, **kwargs)
+    store = write_store(lm, tmp_path / "s.safetensors")
+    for capacity, mode, prefetch in [(2, "unified", False), (4, "disaggregated", True), (24, "disaggregated_warm", False)]:
+        result = engine_run(lm, store, [ids], [expected], kwargs, capacity=capacity, mode=mode, tier=tier,
+                            bandwidth_gbps=4.5 if tier == "throttled" else None, prefetch=prefetch)
+        assert result["identical"], (capacity, mode, prefetch)
+        assert 0 < result["cuda_engine_bytes"] <= result["cuda_allowed_bytes"]
+        assert result["cuda_transient_bytes"] > 0 and (result["prefetched"] > 0) == prefetch

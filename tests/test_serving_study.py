@@ -28,16 +28,23 @@ def test_memory_saved_interpolates_the_candidate_at_the_baseline_levels():
     assert saved.memory_saved.tolist() == pytest.approx([1 - 1.125 / 1.25, 1 - 1.25 / 1.5])
 
 
-def test_prediction_calibrates_a_compute_floor_from_the_in_memory_run():
+def test_prediction_calibrates_a_floor_and_a_per_expert_load_time():
     sizes = costmodel.ModelSizes("toy", n_layers=2, n_experts=4, top_k=1, expert_bytes=1e6, resident_bytes=1e6)
     profile = costmodel.custom_profile("toy", mem_bandwidth_gbps=1.0, io_bandwidth_gbps=0.1)
-    pred = serving_study.predict(frame(), sizes, profile)
-    floor = 1 / 100.0 - (1e6 + 2e6) / 1e9
-    assert pred.compute_floor_s.unique() == pytest.approx([floor])
-    full = pred[pred.decode_hit_rate == 1.0].iloc[0]
-    assert full.calibrated_tokens_per_s == pytest.approx(100.0)  # all cached: the in-memory speed
-    row = pred[(pred.run == "base") & (pred.share == 0.25)].iloc[0]
-    seconds = floor + (1e6 + 2e6 * 0.25) / 1e9 + 2e6 * 0.75 / 1e8
-    assert row.calibrated_tokens_per_s == pytest.approx(1 / seconds)
+    measured = frame()
+    measured["prefetch"] = False
+    measured["decode_steps"] = 10
+    measured["decode_load_seconds"] = 0.0
+    measured.loc[measured.share == 1.0, "decode_load_seconds"] = 0.02  # 2 ms of the anchor's 10 steps were loads
+    extra = measured[measured.tier == "direct"].iloc[[0]].assign(prefetch=True, mode="disaggregated+prefetch")
+    pred = serving_study.predict(pd.concat([measured, extra], ignore_index=True), sizes, profile, {"direct": 0.004})
+    assert "disaggregated+prefetch" not in set(pred["mode"])  # prefetch runs are in neither model
+    assert len(pred) == 10 and pred.calibration.sum() == 2  # one anchor per (run, tier): the largest budget
+    # base's anchor: 100 tokens/s = 10 ms per token, of which 2 ms per token were loads: floor 8 ms
+    base = pred[pred.run == "base"]
+    assert base.floor_s.unique() == pytest.approx([0.010 - 0.002])
+    row = base[base.share == 0.25].iloc[0]  # hit rate 0.25: 2 accesses per token, 1.5 misses at 4 ms
+    assert row.calibrated_tokens_per_s == pytest.approx(1 / (0.008 + 1.5 * 0.004))
     assert row.calibrated_error == pytest.approx(row.calibrated_tokens_per_s / 25.0 - 1)
-    assert np.isfinite(pred.authors_model_tokens_per_s).all()
+    # the authors' model: memory-bound, the direct tier at the profile's file-read bandwidth
+    assert row.authors_model_tokens_per_s == pytest.approx(1 / ((1e6 + 2e6 * 0.25) / 1e9 + 2e6 * 0.75 / 1e8))
