@@ -129,9 +129,9 @@ class ServingConfig:
     shares: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # budgets as shares of the routed experts
     policies: tuple[str, ...] = ("lru", "lfu")  # lfu runs in disaggregated mode; every mode runs lru
     modes: tuple[str, ...] = ("unified", "disaggregated", "disaggregated_warm")
-    prefetch: bool = True  # also measure LRU disaggregated with next-layer expert prefetch, on every tier
+    prefetch: bool = True  # also measure LRU disaggregated with next-layer expert prefetch (on full_tier)
     tiers: tuple[str, ...] = ("direct", "throttled")
-    full_tier: str = "throttled"  # every policy and mode runs on this tier; the others run LRU unified/disaggregated
+    full_tier: str = "throttled"  # every policy, mode and prefetch runs here; other tiers run LRU unified/disaggregated
     throttle_gbps: float = 4.5  # the authors' flash; 0 = scaled to this machine (`serving_study.scaled_bandwidth`)
     profile_mb: float = 64  # size of the memory/file bandwidth probe
 

@@ -12,6 +12,7 @@ tier's bytes: the resident weights plus the engine's slot pool (staging slots in
 from __future__ import annotations
 
 import copy
+import gc
 import time
 
 import numpy as np
@@ -84,6 +85,7 @@ def engine_run(lm, store, requests, reference, kwargs, **engine_kwargs) -> dict:
     On CUDA the budget is also checked from the allocator: the engine's model copy may hold only its
     resident weights, buffers and slot pool (each tensor rounded up to the allocator's 512-byte blocks)."""
     cuda = next(lm.parameters()).device.type == "cuda"
+    gc.collect()  # an earlier engine's model (a reference cycle through its hooks) must not be freed mid-count
     before = _reset_cuda_peak() if cuda else 0
     model = copy.deepcopy(lm)
     engine = OffloadEngine(model, store, write=False, **engine_kwargs)
@@ -141,7 +143,7 @@ def serving_stage(cfg: StudyConfig, force: bool = False) -> dict:
 
     combos = [("lru", mode, False) for mode in sc.modes] + [("lru", "disaggregated", True)] * sc.prefetch + \
         [(p, "disaggregated", False) for p in sc.policies if p != "lru"]
-    partial = [c for c in combos if c[0] == "lru" and c[1] in ("unified", "disaggregated")]  # the other tiers
+    partial = [("lru", "unified", False), ("lru", "disaggregated", False)]  # the other tiers
     rows, bandwidth, load_s = [], {}, {}
     for run in sc.runs:
         lm = models[run]
