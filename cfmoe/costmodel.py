@@ -64,7 +64,7 @@ def measure_profile(path: str | os.PathLike | None = None, size_mb: float = 256,
     n_bytes = int(size_mb * 1e6)
     source = np.random.default_rng(0).integers(0, 255, n_bytes, dtype=np.uint8)
     target = np.empty_like(source)
-    mem = _median_rate(lambda: np.copyto(target, source), n_bytes, repeats)
+    mem = median_rate(lambda: np.copyto(target, source), n_bytes, repeats)
 
     can_drop = hasattr(os, "posix_fadvise")
     fd, name = tempfile.mkstemp(prefix="cfmoe-io-", dir=path)
@@ -80,7 +80,7 @@ def measure_profile(path: str | os.PathLike | None = None, size_mb: float = 256,
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                 f.readinto(target)
 
-        io = _median_rate(read, n_bytes, repeats)
+        io = median_rate(read, n_bytes, repeats)
     finally:
         os.unlink(name)
     drop = "after posix_fadvise(DONTNEED), storage speed unless the kernel kept the pages" if can_drop else \
@@ -89,7 +89,7 @@ def measure_profile(path: str | os.PathLike | None = None, size_mb: float = 256,
                          f"{size_mb:g} MB in {path or tempfile.gettempdir()} {drop}; medians of {repeats}")
 
 
-def _median_rate(operation, n_bytes: int, repeats: int) -> float:
+def median_rate(operation, n_bytes: int, repeats: int) -> float:
     """Median GB/s of `operation` moving `n_bytes` bytes."""
     seconds = []
     for _ in range(repeats):

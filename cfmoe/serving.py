@@ -183,15 +183,23 @@ def measure_load_seconds(store: ExpertStore, n: int = 64, seed: int = 0,
     keys = sorted(store.spans)
     picks = np.random.default_rng(seed).choice(len(keys), size=n)
     scratch = {name: torch.empty(shape, dtype=dtype, device=device) for name, dtype, shape, _, _ in store.tensors[keys[0]]}
+    cuda = torch.device(device).type == "cuda"
     seconds = []
     for i in picks:
         started = time.perf_counter()
         for name, value in store.read(*keys[i]).items():
             scratch[name].copy_(value)
-        if torch.device(device).type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - started)
     return float(np.median(seconds))
+
+
+def reset_cuda_peak() -> int:
+    """Start a CUDA peak-memory window (after the queued work); returns the bytes allocated now."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 class SlotCache:
@@ -219,16 +227,20 @@ class SlotCache:
         return self.slot.get(key)
 
     def touch(self, key) -> None:
-        buckets = self.buckets[self._pool(key)]
-        old = self.count[key]
-        del buckets[old][key]
-        if not buckets[old]:
-            del buckets[old]
+        old = self._unfile(key)
         self._file(key, old + 1 if self.policy == "lfu" else 0)
 
     def _file(self, key, count: int) -> None:
         self.count[key] = count
         self.buckets[self._pool(key)].setdefault(count, {})[key] = None  # insertion order: most recent last
+
+    def _unfile(self, key) -> int:
+        """Take `key` out of its bucket; returns its count."""
+        buckets, count = self.buckets[self._pool(key)], self.count.pop(key)
+        del buckets[count][key]
+        if not buckets[count]:
+            del buckets[count]
+        return count
 
     def insert(self, key, pinned) -> tuple[int, tuple | None]:
         """A slot for `key` (a free one, or a victim's not in `pinned`); returns (slot, evicted key)."""
@@ -241,10 +253,7 @@ class SlotCache:
             evicted = next((k for count in sorted(buckets) for k in buckets[count] if k not in pinned), None)
             if evicted is None:
                 raise RuntimeError("no evictable slot: every cached expert is needed by the current call")
-            count = self.count.pop(evicted)
-            del buckets[count][evicted]
-            if not buckets[count]:
-                del buckets[count]
+            self._unfile(evicted)
             slot = self.slot.pop(evicted)
         self.slot[key] = slot
         self._file(key, 1 if self.policy == "lfu" else 0)  # inserted by an access
@@ -389,8 +398,7 @@ class OffloadEngine:
                 if self.cache.room(key, pinned) == 0:  # the group is full: compute it, then start another
                     yield current
                     current, pinned = {}, set()
-                slot, evicted = self.cache.insert(key, pinned)
-                self._ahead.discard(evicted)
+                slot = self._claim(key, pinned)
                 self._load(layer, expert, slot)
             current[expert] = slot
             pinned.add(key)
@@ -412,11 +420,16 @@ class OffloadEngine:
             if self.cache.lookup(key) is not None:
                 self.cache.touch(key)
                 continue
-            slot, evicted = self.cache.insert(key, set())
-            self._ahead.discard(evicted)
+            slot = self._claim(key, set())
             for name in self.pool:
                 self.pool[name].data[slot].copy_(self.pool[name].data[self._staged[expert]])
             self.counters.seeded += 1
+
+    def _claim(self, key, pinned) -> int:
+        """A cache slot for `key` (evicting by the policy); an evicted prefetch is no longer ahead."""
+        slot, evicted = self.cache.insert(key, pinned)
+        self._ahead.discard(evicted)
+        return slot
 
     def _wait(self) -> None:
         """Let the prefetch in flight finish (its slots are about to be used); the wait counts as load time."""
@@ -438,8 +451,7 @@ class OffloadEngine:
                 continue
             if self.cache.room(key, pinned) == 0:
                 break
-            slot, evicted = self.cache.insert(key, pinned)
-            self._ahead.discard(evicted)
+            slot = self._claim(key, pinned)
             self._ahead.add(key)
             pinned.add(key)
             jobs.append((key, slot))
@@ -498,9 +510,7 @@ class OffloadEngine:
         self.reset_counters()
         cuda = self.pool[next(iter(self.pool))].device.type == "cuda"
         if cuda:  # peak fast-tier bytes during this call, next to what it started with
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            memory = {"cuda_start_bytes": torch.cuda.memory_allocated()}
+            memory = {"cuda_start_bytes": reset_cuda_peak()}
         times = []
         hook = self.model.register_forward_hook(lambda *a: times.append(time.perf_counter()))
         started = time.perf_counter()

@@ -24,7 +24,7 @@ from .cache_study import saved_at_levels
 from .config import StudyConfig
 from .determinism import make_deterministic
 from .provenance import save_figure, save_table
-from .serving import ExpertStore, OffloadEngine, measure_load_seconds, write_store
+from .serving import ExpertStore, OffloadEngine, measure_load_seconds, reset_cuda_peak, write_store
 
 SERVING = "05_serving"
 
@@ -59,7 +59,7 @@ def in_memory(lm, requests, kwargs) -> tuple[list[torch.Tensor], dict]:
     try:
         for ids in requests:
             times.clear()
-            start_bytes = _reset_cuda_peak() if cuda else 0
+            start_bytes = reset_cuda_peak() if cuda else 0
             started = time.perf_counter()
             outputs.append(lm.generate(input_ids=ids, **kwargs))
             ttft.append(times[0] - started)
@@ -73,12 +73,6 @@ def in_memory(lm, requests, kwargs) -> tuple[list[torch.Tensor], dict]:
     return outputs, {"ttft_s": float(np.mean(ttft)), "decode_tokens_per_s": steps / decode_s, **extra}
 
 
-def _reset_cuda_peak() -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
-
-
 def engine_run(lm, store, requests, reference, kwargs, **engine_kwargs) -> dict:
     """Serve the requests in order through one engine (its cache carries over); summed measurements.
 
@@ -86,7 +80,7 @@ def engine_run(lm, store, requests, reference, kwargs, **engine_kwargs) -> dict:
     resident weights, buffers and slot pool (each tensor rounded up to the allocator's 512-byte blocks)."""
     cuda = next(lm.parameters()).device.type == "cuda"
     gc.collect()  # an earlier engine's model (a reference cycle through its hooks) must not be freed mid-count
-    before = _reset_cuda_peak() if cuda else 0
+    before = reset_cuda_peak() if cuda else 0
     model = copy.deepcopy(lm)
     engine = OffloadEngine(model, store, write=False, **engine_kwargs)
     memory = {}
@@ -199,14 +193,8 @@ def _cuda_copy_gbps(device, size_mb: float, repeats: int = 5) -> float:
     """Bytes per second a device-to-device copy of `size_mb` MB moves on `device` (median of `repeats`)."""
     n = int(size_mb * 1e6)
     source, target = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
-    seconds = []
-    for _ in range(repeats):
-        torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        target.copy_(source)
-        torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    return n / float(np.median(seconds)) / 1e9
+    torch.cuda.synchronize(device)
+    return costmodel.median_rate(lambda: (target.copy_(source), torch.cuda.synchronize(device)), n, repeats)
 
 
 def predict(measured: pd.DataFrame, sizes: costmodel.ModelSizes, profile: costmodel.DeviceProfile,
