@@ -27,7 +27,7 @@ mkdir -p "$executed"
 # A stage re-runs when its notebook, the package, the preset, the data or the model changed,
 # or when an earlier stage re-ran (its outputs are this stage's inputs).
 inputs_hash() {
-  { cat "$1" "$params" pyproject.toml cfmoe/*.py data/wikitext-2/*; echo "model=$model"; } | sha256sum | cut -d' ' -f1
+  { cat "$1" "$params" pyproject.toml $(find cfmoe -name "*.py" | sort) data/wikitext-2/*; echo "model=$model"; } | sha256sum | cut -d' ' -f1
 }
 rerun_rest=$force
 total_started=$(date +%s)
@@ -45,7 +45,7 @@ for nb in notebooks/[0-9][0-9]_*.ipynb; do
   partial="$executed/.$name.partial.ipynb"
   if ! papermill "$nb" "$partial" --cwd notebooks --no-progress-bar --log-level WARNING \
        -p preset "$preset" -p model_path "$model" -p force "$force"; then
-    cell="$(python -m cfmoe.notebooks failed-cell "$partial" 2>/dev/null || echo '?')"
+    cell="$(python -m cfmoe.present.notebooks failed-cell "$partial" 2>/dev/null || echo '?')"
     echo "[FAIL] $name: $cell; the partial notebook is $partial" >&2
     exit 1
   fi
@@ -53,5 +53,5 @@ for nb in notebooks/[0-9][0-9]_*.ipynb; do
   echo "$want" > "$stamp"
   echo "[done] $name in $(( $(date +%s) - started ))s"
 done
-python -m cfmoe.report > /dev/null  # results/summary.md: the headline table, from the tables above
+python -m cfmoe.present.report > /dev/null  # results/summary.md: the headline table, from the tables above
 echo "[all ] study finished in $(( $(date +%s) - total_started ))s; results under results/"

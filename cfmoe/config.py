@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from . import claims
+
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = ROOT / "params"
 PRESETS = ("smoke", "cpu", "gpu")
@@ -89,7 +91,7 @@ class RouterDesignConfig:
     steps: int = 25  # each sweep run is a short version of notebook 02's fine-tuning
     kinds: tuple[str, ...] = ("l2", "skl", "js", "topk_overlap")
     weights: tuple[float, ...] = (0.3, 3.0)
-    max_ppl_increase: float = 0.02  # the chosen loss is the highest-ECR run within this of the control
+    max_ppl_increase: float = claims.PPL_COST.bound  # the chosen loss: highest ECR within this of the control
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class CacheConfig:
     serving_policies: tuple[str, ...] = ("lru", "lopt")
     batch_sizes: tuple[int, ...] = (1, 4)  # continuous-batching widths for the serving-mode comparison
     cached_shares: tuple[float, ...] = (0.25, 0.5, 0.75)  # throughput levels: the control at these shares
-    bits_per_param: float = 4.5  # the paper-scale sizes (DeepSeek-MoE-16B in NF4, as the authors)
+    bits_per_param: float = claims.DEEPSEEK_MOE_16B["bits_per_param"]  # paper-scale sizes (NF4, as the authors)
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ class ServingConfig:
     prefetch: bool = True  # also measure LRU disaggregated with next-layer expert prefetch (on full_tier)
     tiers: tuple[str, ...] = ("direct", "throttled")
     full_tier: str = "throttled"  # every policy, mode and prefetch runs here; other tiers run LRU unified/disaggregated
-    throttle_gbps: float = 4.5  # the authors' flash; 0 = scaled to this machine (`serving_study.scaled_bandwidth`)
+    throttle_gbps: float = claims.EDGE_DEVICES["cpu"][1]  # the authors' flash; 0 = scaled to this machine
+    # (`cfmoe.stages.serving.scaled_bandwidth`)
     profile_mb: float = 64  # size of the memory/file bandwidth probe
 
 
@@ -161,11 +164,20 @@ class StudyConfig:
 
     def results_dir(self, notebook: str) -> Path:
         """results/<notebook>/ for the default cpu preset, results/<notebook>/<preset>/ otherwise."""
-        base = Path(os.environ.get("CFMOE_RESULTS", ROOT / "results")) / notebook
-        return base if self.preset == "cpu" else base / self.preset
+        return results_root() / results_subdir(notebook, self.preset)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def results_root() -> Path:
+    """Where results are written: `results/`, or $CFMOE_RESULTS."""
+    return Path(os.environ.get("CFMOE_RESULTS", ROOT / "results"))
+
+
+def results_subdir(notebook: str, preset: str) -> Path:
+    """A notebook's results folder for a preset, relative to `results_root()`."""
+    return Path(notebook) if preset == "cpu" else Path(notebook) / preset
 
 
 def _check(cls, values: dict, where: str):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from . import claims
+
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
@@ -40,10 +42,9 @@ class DeviceProfile:
                 raise ValueError(f"{field} must be a positive finite number of GB/s, got {value!r}")
 
 
-PROFILES = {
-    "cpu": DeviceProfile("cpu", 45.0, 4.5, notes="the authors' edge CPU: memory 45 GB/s, flash 4.5 GB/s"),
-    "npu": DeviceProfile("npu", 75.0, 4.5, notes="the authors' edge NPU: memory 75 GB/s, flash 4.5 GB/s"),
-}
+PROFILES = {name: DeviceProfile(name, mem, io, notes=f"the authors' edge {name.upper()}: memory {mem:g} GB/s, "
+                                                    f"flash {io:g} GB/s")
+            for name, (mem, io) in claims.EDGE_DEVICES.items()}
 
 
 def custom_profile(name: str, mem_bandwidth_gbps: float, io_bandwidth_gbps: float, notes: str = "") -> DeviceProfile:
@@ -146,24 +147,27 @@ def _bits(bits_per_param) -> float:
     return float(bits_per_param)
 
 
-def deepseek_moe_16b(bits_per_param: float = 4.5) -> ModelSizes:
-    """The authors' DeepSeek-MoE-16B instance, scaled from their 4.5-bit (NF4, double-quantised) sizes.
+def deepseek_moe_16b(bits_per_param: float = claims.DEEPSEEK_MOE_16B["bits_per_param"]) -> ModelSizes:
+    """The authors' DeepSeek-MoE-16B instance (`claims.DEEPSEEK_MOE_16B`), scaled from their 4.5-bit sizes.
 
-    L = 28 layers (attention in all, the first dense: L - 1 = 27 MoE layers), 64 routed experts plus 2 shared,
-    top-6. One expert E = 3 * 2048 * 1408 parameters = 4.866 MB (10^6 bytes) at 4.5 bits. The authors' attention
-    (W_q = W_k = W_v = W_o = 2.25 MB per layer) and token embedding (112.5 MB) figures are kept as stated and
-    read in the same 10^6-byte MB; from parameter counts they are 2.25 and 112.5 MiB (2^20 bytes), so this
-    under-counts resident bytes by about 18 MB (2%) at 4.5 bits, as the authors' model does.
-    W_resident = 4 * 2.25 * L + 112.5 + 64 * E + 2 * E * (L - 1): 2 * E * (L - 1) are the shared experts and
-    64 * E is one MoE layer's worth of routed experts that the authors' formula counts as always resident
-    (room for the layer being computed, i.e. a staging buffer; the dense first layer's FFN is not otherwise
-    counted); kept exactly as given. W_dynamic = 6 * E * (L - 1).
+    L layers (attention in all, the first dense: L - 1 MoE layers), routed experts plus shared ones, top-k.
+    One expert E = 3 * hidden * expert_width parameters (4.866 MB, 10^6 bytes, at 4.5 bits). The authors'
+    attention (each of W_q, W_k, W_v, W_o per layer) and token embedding figures are kept as stated and read in
+    the same 10^6-byte MB; from parameter counts they are MiB (2^20 bytes), so this under-counts resident bytes
+    by about 18 MB (2%) at 4.5 bits, as the authors' model does.
+    W_resident = 4 * W_attention * L + W_embedding + n_routed * E + n_shared * E * (L - 1): the shared experts,
+    and one MoE layer's worth of routed experts that the authors' formula counts as always resident (room for
+    the layer being computed, i.e. a staging buffer; the dense first layer's FFN is not otherwise counted);
+    kept exactly as given. W_dynamic = top_k * E * (L - 1).
     """
-    scale = _bits(bits_per_param) / 4.5
-    n_layers = 28
-    expert = 3 * 2048 * 1408 * bits_per_param / 8
-    resident = (4 * 2.25e6 * n_layers + 112.5e6) * scale + 64 * expert + 2 * expert * (n_layers - 1)
-    return ModelSizes(f"deepseek-moe-16b@{bits_per_param:g}bit", n_layers - 1, 64, 6, expert, resident)
+    paper = claims.DEEPSEEK_MOE_16B
+    scale = _bits(bits_per_param) / paper["bits_per_param"]
+    n_layers, n_routed = paper["n_layers"], paper["n_routed"]
+    expert = 3 * paper["hidden"] * paper["expert_width"] * bits_per_param / 8
+    resident = ((4 * paper["attention_mb"] * n_layers + paper["embedding_mb"]) * 1e6 * scale + n_routed * expert
+                + paper["n_shared"] * expert * (n_layers - 1))
+    return ModelSizes(f"deepseek-moe-16b@{bits_per_param:g}bit", n_layers - 1, n_routed, paper["top_k"], expert,
+                      resident)
 
 
 def from_describe(info, bits_per_param: float | None = None, source_bytes_per_param: float | str = 4) -> ModelSizes:
@@ -268,3 +272,13 @@ def _memory_at(curve: pd.DataFrame, levels: np.ndarray, label: str) -> np.ndarra
     frontier = np.r_[True, best[1:] > best[:-1]]  # points that reach a new best tokens/s
     memory, speed = memory[frontier], speed[frontier]
     return np.where((levels >= speed[0]) & (levels <= speed[-1]), np.interp(levels, speed, memory), np.nan)
+
+
+def saved_at_levels(base: pd.DataFrame, candidate: pd.DataFrame, shares, column: str = "cached_share") -> pd.DataFrame:
+    """Memory `candidate` needs at the tokens/s `base` reaches with `shares` of its routed experts cached, next
+    to base's own; both are curves with `column`, `memory_gb` and `tokens_per_s`."""
+    shares = np.asarray(shares, float)
+    levels = base.set_index(np.round(base[column], 6)).loc[np.round(shares, 6)].tokens_per_s.to_numpy()
+    saved = memory_at_equal_throughput(base, candidate, levels)
+    return pd.DataFrame({column: shares, "tokens_per_s": saved.tokens_per_s, "memory_base_gb": saved.memory_a,
+                         "memory_cfmoe_gb": saved.memory_b, "memory_saved": saved.saved})

@@ -1,6 +1,6 @@
 """Data-aware elastic fine-tuning (DAFT): profile each MoE layer's ECR offline, LoRA only the low-ECR layers.
 
-    profile = profile_layer_ecr(lm, calibration_ids, "results/02_fine_tuning/ecr_profile.csv")
+    profile = profile_layer_ecr(lm, calibration["input_ids"], calibration["document_ids"])  # packed blocks
     tuned = lora_model(lm, select_daft_layers(profile, threshold=0.7), rank=8)
 """
 

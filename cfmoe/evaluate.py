@@ -42,13 +42,15 @@ def perplexity(model, blocks: dict[str, np.ndarray], batch_size: int = 8) -> dic
 
 
 @torch.no_grad()
-def test_locality(lm, tokenizer, block_size: int, max_tokens: int = 0, batch_size: int = 8) -> dict:
-    """Teacher-forced WikiText-2 test perplexity and ECR (pairs inside one article and one block only)."""
-    blocks = test_blocks(tokenizer, block_size, max_tokens)
-    # one pass: the routing hooks record the experts of the perplexity forwards (no padding: rows = tokens)
-    with routing.record_routing(lm) as recorder:
+def record_test(lm, blocks: dict[str, np.ndarray], batch_size: int = 8) -> tuple[dict, np.ndarray]:
+    """Perplexity over `blocks` and the experts every token used, (tokens, layers, k), in one pass."""
+    with routing.record_routing(lm) as recorder:  # no padding: recorded rows are the blocks' tokens
         ppl = perplexity(lm, blocks, batch_size)
-    experts = np.concatenate([experts for experts, _ in recorder.calls()])
+    return ppl, np.concatenate([experts for experts, _ in recorder.calls()])
+
+
+def locality(ppl: dict, experts: np.ndarray, blocks: dict[str, np.ndarray]) -> dict:
+    """Test perplexity and ECR from `record_test`'s output (pairs inside one article and one block only)."""
     docs = blocks["document_ids"]
     valid = (docs[:, 1:] == docs[:, :-1])
     # a pair that straddles two blocks was never seen together by the model
@@ -56,3 +58,9 @@ def test_locality(lm, tokenizer, block_size: int, max_tokens: int = 0, batch_siz
     per_layer = metrics.expert_consistency_rate(experts, per_layer=True, valid_pairs=valid)
     return {"test_ppl": ppl["perplexity"], "tokens": ppl["tokens"], "test_ecr": float(per_layer.mean()),
             "per_layer_ecr": per_layer, "experts": experts, "valid_pairs": valid}
+
+
+def test_locality(lm, tokenizer, block_size: int, max_tokens: int = 0, batch_size: int = 8) -> dict:
+    """Teacher-forced WikiText-2 test perplexity and ECR in one pass."""
+    blocks = test_blocks(tokenizer, block_size, max_tokens)
+    return locality(*record_test(lm, blocks, batch_size), blocks)

@@ -4,7 +4,8 @@
     ecr = expert_consistency_rate(experts)   # experts: (n_tokens, n_layers, k) ints in decode order
 
 A trace's `experts[t, l]` is the set of k experts token t selected in MoE layer l; `probs[t, l]`
-is that layer's router probability vector. Definitions follow the study's MISSION.md.
+is that layer's router probability vector. ECR of a consecutive pair in one layer is |S_t ∩ S_t+1| / k;
+GDS is (cos(p_t, p_t+1) + 1) / 2; LAL weighs per-layer ECR by (layer index / number of MoE layers).
 """
 
 from __future__ import annotations

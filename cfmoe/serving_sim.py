@@ -76,32 +76,38 @@ def prefill_keys(prompt: np.ndarray, n_experts: int) -> np.ndarray:
     return np.concatenate(per_layer).astype(np.int64)
 
 
+def seed_quota(capacity: int, scope: str, n_layers: int, layer: int) -> int:
+    """How many decode-cache seeds MoE layer `layer` gets: its own pool's `capacity` per layer; in one global pool
+    an even share, `capacity // n_layers`, the first `capacity % n_layers` layers one more. The engine seeds each
+    layer while its prefill streams, before later layers' routing exists, so the quota cannot look ahead."""
+    return capacity if scope == "per_layer" else capacity // n_layers + (layer < capacity % n_layers)
+
+
+def layer_seeds(recent: np.ndarray, quota: int, decay: float = 0.5) -> np.ndarray:
+    """One layer's seeds, lowest score first (the best becomes the most recent entry).
+
+    `recent` is (tokens, k): the experts this layer selected for the prompt's last tokens, oldest first. An
+    expert scores sum(decay ** age) over the tokens that selected it (age 0 for the last token); the `quota`
+    best are kept, ties ranked by lower id first."""
+    recent = np.asarray(recent).reshape(len(recent), -1)
+    if quota <= 0 or not recent.size:
+        return np.zeros(0, np.int64)
+    weights = np.repeat(decay ** np.arange(len(recent))[::-1], recent.shape[1])
+    experts, inverse = np.unique(recent.reshape(-1), return_inverse=True)
+    score = np.bincount(inverse, weights=weights, minlength=experts.size)
+    best = np.lexsort((experts, -score))[:quota]  # highest score first, ties lower id first
+    return experts[best[::-1]].astype(np.int64)
+
+
 def warm_seed(prompt: np.ndarray, n_experts: int, capacity: int, scope: str = "global", tokens: int = 8,
               decay: float = 0.5) -> np.ndarray:
-    """Decode-cache seeds from the prompt's routing, oldest first.
-
-    Each expert of each layer scores sum(decay ** age) over the last `tokens` prompt tokens that selected it
-    (age 0 for the last token). Per layer experts are ranked by score (ties: lower id first). Global scope
-    fills `capacity` evenly across layers: every layer's rank-0 expert, then rank 1, ... (within a rank,
-    higher score first, then lower layer); per-layer scope takes each layer's top `capacity`. Seeds come
-    layer by layer, within a layer lowest score first, as if the prompt's last token had just used them.
-    """
+    """Decode-cache seeds (cache keys) from the prompt's routing, oldest first: layer by layer, each layer's
+    `layer_seeds` of its last `tokens` prompt tokens within its `seed_quota`. The engine
+    (`cfmoe.serving.OffloadEngine`, mode `disaggregated_warm`) seeds by the same two functions."""
     recent = prompt[-tokens:] if tokens > 0 else prompt[:0]
     n_layers = prompt.shape[1]
-    weights = decay ** np.arange(len(recent))[::-1]
-    score = np.zeros((n_layers, n_experts))
-    np.add.at(score, (np.arange(n_layers)[None, :, None], recent), weights[:, None, None])
-    rank = np.argsort(np.argsort(-score, axis=1, kind="stable"), axis=1)  # stable: ties rank lower ids first
-    layer, expert = np.nonzero(score > 0)
-    rank, value = rank[layer, expert], score[layer, expert]
-    if scope == "per_layer":
-        keep = rank < capacity
-    else:
-        keep = np.zeros(layer.size, bool)
-        keep[np.lexsort((layer, -value, rank))[:capacity]] = True
-    layer, expert, rank = layer[keep], expert[keep], rank[keep]
-    oldest_first = np.lexsort((-rank, layer))
-    return (layer * n_experts + expert)[oldest_first].astype(np.int64)
+    return np.concatenate([layer * n_experts + layer_seeds(recent[:, layer], seed_quota(capacity, scope, n_layers, layer),
+                                                           decay) for layer in range(n_layers)]).astype(np.int64)
 
 
 def _with_seeds(previous: np.ndarray, seeds: np.ndarray, capacity: int, scope: str, n_experts: int) -> np.ndarray:

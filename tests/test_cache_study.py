@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cfmoe import cache_study, costmodel, data
+from cfmoe import costmodel, data
+from cfmoe.stages import cache_management as cache_study
 from cfmoe.routing import DECODE, PREFILL, trace_forward
 from tiny_models import PAD_ID, tiny_moe, tiny_tokenizer
 

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cfmoe import ecr_study, metrics
+from cfmoe import metrics
+from cfmoe.stages import ecr_wikitext as ecr_study
 from cfmoe.config import load_config
 from cfmoe.routing import RoutingTrace
 from tiny_models import tiny_moe, tiny_tokenizer

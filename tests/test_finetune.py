@@ -6,7 +6,8 @@ import torch
 from tiny_models import tiny_moe
 from transformers import TrainingArguments
 
-from cfmoe import finetune, study
+from cfmoe import finetune
+from cfmoe.stages import router_design
 from cfmoe.config import FinetuneConfig
 from cfmoe.locality import consecutive_pair_mask, locality_loss
 from cfmoe.training import MoETrainer, balance_loss, causal_lm_loss
@@ -76,9 +77,9 @@ def test_choice_is_best_ecr_within_the_perplexity_budget():
         "run": ["base", "control", "a", "b", "c"], "kind": ["none", "none", "js", "js", "l2"],
         "weight": [0, 0, 1, 3, 1], "test_ecr": [0.2, 0.25, 0.30, 0.40, 0.35],
         "ppl_vs_control": [0.0, 0.0, 0.001, 0.05, 0.015]})
-    choice = study.choose_locality_loss(sweep, 0.02)
+    choice = router_design.choose_locality_loss(sweep, 0.02)
     assert (choice["run"], choice["within_budget"]) == ("c", True)
-    fallback = study.choose_locality_loss(sweep.assign(ppl_vs_control=[0, 0, 0.03, 0.05, 0.04]), 0.02)
+    fallback = router_design.choose_locality_loss(sweep.assign(ppl_vs_control=[0, 0, 0.03, 0.05, 0.04]), 0.02)
     assert (fallback["run"], fallback["within_budget"]) == ("a", False)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cfmoe import report
+from cfmoe.present import report
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cfmoe.notebooks import failed_cell
+from cfmoe.present.notebooks import failed_cell
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,11 +22,11 @@ def test_run_all_rejects_bad_arguments_before_doing_anything(args, message):
 def test_failed_cell_names_the_cell_papermill_marked(tmp_path):
     nb = {"cells": [
         {"cell_type": "code", "source": ["x = 1\n"], "metadata": {"papermill": {"status": "completed"}}},
-        {"cell_type": "code", "source": ["results = study.base_model_stage(cfg)\n", "more\n"],
+        {"cell_type": "code", "source": ["results = base_model.compute(cfg)\n", "more\n"],
          "metadata": {"papermill": {"exception": True, "status": "failed"}}},
     ]}
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(nb))
-    assert failed_cell(path) == "cell 2: results = study.base_model_stage(cfg)"
+    assert failed_cell(path) == "cell 2: results = base_model.compute(cfg)"
     path.write_text(json.dumps({"cells": []}))
     assert failed_cell(path) == "no failed cell recorded"

@@ -106,7 +106,7 @@ def test_bad_budgets_stores_and_policies_get_one_line_errors(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("tier", ["host", "throttled"])
 def test_cuda_engine_is_token_identical_and_the_allocator_holds_the_budget(tier, tmp_path):
-    from cfmoe.serving_study import engine_run
+    from cfmoe.stages.serving import engine_run
 
     lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=3), tiny_tokenizer()
     lm = lm.cuda()
@@ -121,3 +121,23 @@ def test_cuda_engine_is_token_identical_and_the_allocator_holds_the_budget(tier,
         assert result["identical"], (capacity, mode, prefetch)
         assert 0 < result["cuda_engine_bytes"] <= result["cuda_allowed_bytes"]
         assert result["cuda_transient_bytes"] > 0 and (result["prefetched"] > 0) == prefetch
+
+
+@pytest.mark.parametrize("capacity, scope", [(5, "global"), (2, "per_layer"), (24, "global")])
+def test_engine_warm_seeds_are_the_simulators(capacity, scope, tmp_path):
+    """Warm disaggregation seeds the same experts, in the same recency order, in the engine and in
+    `serving_sim.warm_seed`, for the same prompt and an empty cache."""
+    from cfmoe.routing import trace_forward
+    from cfmoe.serving_sim import warm_seed
+
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=3), tiny_tokenizer()
+    ids = tok(["the cat sat on the mat and the dog"], return_tensors="pt")["input_ids"]
+    trace, = trace_forward(lm, ids)
+    engine = OffloadEngine(copy.deepcopy(lm), tmp_path / "s.safetensors", capacity, policy="lru", scope=scope,
+                           mode="disaggregated_warm", tier="page_cache")
+    engine.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None)  # prefill only
+    expected = warm_seed(trace.experts, 8, capacity, scope, tokens=engine.warm_tokens, decay=engine.warm_decay)
+    seeded = [layer * 8 + expert for pool in engine.cache.buckets.values() for bucket in pool.values()
+              for layer, expert in bucket]
+    assert engine.counters.seeded == len(expected) > 0
+    assert seeded == expected.tolist()

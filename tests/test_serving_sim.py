@@ -6,7 +6,7 @@ import pytest
 from cfmoe.cache import simulate_cache
 from cfmoe.costmodel import custom_profile
 from cfmoe.serving_sim import (MODES, _schedule, _step_keys, prefill_keys, simulate_request, simulate_requests,
-                                simulate_serving, warm_seed)
+                                simulate_serving, seed_quota, warm_seed)
 
 # n_experts 4, 2 layers, k 1. Prompt: layer 0 uses {0, 1}, layer 1 uses {1} -> keys 0, 1, 5.
 # Decode: two tokens using expert 1 in both layers -> keys 1, 5, 1, 5.
@@ -53,10 +53,11 @@ def test_warm_seed_rule():
     prompt = np.array([[[0, 3]], [[2, 1]], [[0, 1]]])
     assert warm_seed(prompt, 5, capacity=3).tolist() == [2, 0, 1]  # top 3, lowest score oldest
     assert warm_seed(prompt, 5, capacity=3, tokens=1).tolist() == [1, 0]  # tie: lower id ranks first
-    # layer 1 scores e4 = 1.75, e2 = 1.5: global capacity 3 takes both rank-0 experts (e1, e4), then the
-    # higher-scored rank-1 expert (e2 of layer 1, 1.5 > e0's 1.25); keys are layer * 5 + expert
+    # layer 1 scores e4 = 1.75, e2 = 1.5: a global capacity of 3 over 2 layers gives layer 0 a quota of 2 (e0, e1)
+    # and layer 1 a quota of 1 (e4), whatever the scores of other layers; keys are layer * 5 + expert
     two = np.concatenate([prompt, np.array([[[4, 3]], [[4, 2]], [[4, 2]]])], axis=1)
-    assert warm_seed(two, 5, capacity=3).tolist() == [1, 7, 9]
+    assert warm_seed(two, 5, capacity=3).tolist() == [0, 1, 9]
+    assert [seed_quota(7, "global", 3, layer) for layer in range(3)] == [3, 2, 2]
     assert warm_seed(two, 5, capacity=1, scope="per_layer").tolist() == [1, 9]
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cfmoe import costmodel, serving_study
+from cfmoe import costmodel
+from cfmoe.stages import serving as serving_study
 
 
 def frame():

@@ -14,11 +14,7 @@ slots a call uses). Before each experts call the engine places the experts the c
 needs into slots (hits stay, misses are read from the store, evicting by the cache policy) and calls the
 original module with the expert indices remapped to slot indices. The math is the module's own.
 
-Slow tiers (every result is labelled with the one used):
-- `direct`: `O_DIRECT` reads, bypassing the page cache (storage speed);
-- `page_cache`: plain reads, which the kernel may serve from memory;
-- `throttled`: plain reads held to `bandwidth_gbps` (e.g. the authors' 4.5 GB/s flash);
-- `host`: the store read once into (pinned, with CUDA) host memory, copied to the device per expert.
+Slow tiers: `cfmoe.serving.store`.
 
 Prefill (a forward of more than one position) and decode (one position) are handled by `mode`:
 `unified` sends prefill through the decode cache; `disaggregated` streams prefill's misses through the
@@ -28,171 +24,20 @@ seeds the cache per layer from the prompt's last tokens (copied from the staging
 
 from __future__ import annotations
 
-import json
-import mmap
 import os
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import moe
+from .. import moe
+from ..cache import SCOPES
+from ..serving_sim import MODES, layer_seeds, seed_quota
+from .store import ExpertStore, expert_parameters, write_store
 
-TIERS = ("direct", "page_cache", "throttled", "host")
 POLICIES = ("lru", "lfu")
-SCOPES = ("global", "per_layer")
-MODES = ("unified", "disaggregated", "disaggregated_warm")
-_ALIGN = 4096
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-def expert_parameters(experts: torch.nn.Module, n_experts: int) -> dict[str, torch.nn.Parameter]:
-    """The experts module's per-expert parameters (first dimension = n_experts), by name."""
-    params = {name: p for name, p in experts.named_parameters(recurse=False) if p.ndim >= 1 and p.shape[0] == n_experts}
-    if not params:
-        raise ValueError(f"{type(experts).__name__} has no parameter stacked over its {n_experts} experts")
-    return params
-
-
-def _key(layer: int, expert: int, name: str) -> str:
-    return f"L{layer:04d}.E{expert:05d}.{name}"
-
-
-def write_store(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Write every routed expert of `model` to one safetensors file, each (layer, expert) contiguous."""
-    from safetensors.torch import save_file
-
-    info = moe.describe(model)
-    tensors = {}
-    for index, layer in enumerate(info.layers):
-        for name, param in expert_parameters(layer.experts, layer.n_experts).items():
-            for expert in range(layer.n_experts):
-                tensors[_key(index, expert, name)] = param.detach()[expert].contiguous().cpu()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"format": "cfmoe-expert-store", "n_layers": str(len(info.layers)),
-                                           "n_experts": str(info.n_experts)})
-    os.replace(tmp, path)
-    return path
-
-
-class ExpertStore:
-    """The slow tier: reads one (layer, expert)'s tensors from a store file written by `write_store`."""
-
-    def __init__(self, path: str | os.PathLike, tier: str = "direct", bandwidth_gbps: float | None = None,
-                 device: str | torch.device = "cpu"):
-        if tier not in TIERS:
-            raise ValueError(f"unknown tier {tier!r}; valid: {', '.join(TIERS)}")
-        if tier == "throttled" and not (bandwidth_gbps and bandwidth_gbps > 0):
-            raise ValueError(f"tier 'throttled' needs bandwidth_gbps > 0 (e.g. 4.5), got {bandwidth_gbps!r}")
-        self.path, self.tier, self.bandwidth_gbps = Path(path), tier, bandwidth_gbps
-        if not self.path.is_file():
-            raise FileNotFoundError(f"expert store {self.path} does not exist; write it with cfmoe.serving.write_store")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            header = f.read(n) if 0 < n < size else b""
-        try:
-            meta = json.loads(header)
-        except ValueError:
-            raise ValueError(f"expert store {self.path} is not a safetensors file (or its header is cut)") from None
-        self.data_start = 8 + n
-        self.spans: dict[tuple[int, int], tuple[int, int]] = {}
-        self.tensors: dict[tuple[int, int], list[tuple[str, torch.dtype, tuple, int, int]]] = {}
-        end_of_data = 0
-        for key, entry in meta.items():
-            if key == "__metadata__":
-                continue
-            layer, expert, name = key.split(".", 2)
-            lk = (int(layer[1:]), int(expert[1:]))
-            begin, end = entry["data_offsets"]
-            end_of_data = max(end_of_data, end)
-            self.tensors.setdefault(lk, []).append((name, _DTYPES[entry["dtype"]], tuple(entry["shape"]), begin, end))
-        if self.data_start + end_of_data > size:
-            raise ValueError(f"expert store {self.path} is truncated: {size} bytes, its header describes "
-                             f"{self.data_start + end_of_data}")
-        for lk, items in self.tensors.items():
-            begin, end = min(i[3] for i in items), max(i[4] for i in items)
-            self.spans[lk] = (self.data_start + begin, self.data_start + end)
-        self.max_span = max(end - begin for begin, end in self.spans.values())
-        self.bytes_read = 0
-        self.read_seconds = 0.0
-        self._host = None
-        flags = os.O_RDONLY
-        if tier == "direct":
-            flags |= os.O_DIRECT
-        self._fd = os.open(self.path, flags)
-        self._buffer = mmap.mmap(-1, self.max_span + 2 * _ALIGN)  # page-aligned, as O_DIRECT needs
-        if tier == "host":
-            whole = torch.from_file(str(self.path), shared=False, size=size, dtype=torch.uint8)
-            self._host = whole.pin_memory() if torch.device(device).type == "cuda" else whole
-
-    def close(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self):
-        self.close()
-
-    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """The expert's tensors by parameter name (views into a reused buffer: copy them before the next read)."""
-        if (layer, expert) not in self.spans:
-            raise KeyError(f"expert store {self.path} has no layer {layer} expert {expert}")
-        begin, end = self.spans[(layer, expert)]
-        started = time.perf_counter()
-        if self._host is not None:
-            raw, base = self._host[begin:end], begin
-        else:
-            start = begin - begin % _ALIGN if self.tier == "direct" else begin
-            length = end - start
-            if self.tier == "direct":
-                length += -length % _ALIGN
-            view = memoryview(self._buffer)[:length]
-            got = os.preadv(self._fd, [view], start)
-            if got < end - start:
-                raise ValueError(f"expert store {self.path} is truncated at layer {layer} expert {expert}")
-            raw, base = torch.frombuffer(self._buffer, dtype=torch.uint8, count=end - begin, offset=begin - start), begin
-            del view
-            if self.tier == "throttled":
-                due = (end - begin) / (self.bandwidth_gbps * 1e9) - (time.perf_counter() - started)
-                if due > 0:
-                    time.sleep(due)
-        out = {}
-        for name, dtype, shape, b, e in self.tensors[(layer, expert)]:
-            lo = self.data_start + b - base
-            out[name] = raw[lo:lo + (e - b)].view(dtype).view(shape)
-        self.bytes_read += end - begin
-        self.read_seconds += time.perf_counter() - started
-        return out
-
-
-def measure_load_seconds(store: ExpertStore, n: int = 64, seed: int = 0,
-                         device: str | torch.device = "cpu") -> float:
-    """Median seconds to read one expert from `store` and copy it into fast memory (a scratch slot on
-    `device`), over `n` random (layer, expert): what one miss costs the engine, at expert granularity."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1 reads, got {n!r}")
-    keys = sorted(store.spans)
-    picks = np.random.default_rng(seed).choice(len(keys), size=n)
-    scratch = {name: torch.empty(shape, dtype=dtype, device=device) for name, dtype, shape, _, _ in store.tensors[keys[0]]}
-    cuda = torch.device(device).type == "cuda"
-    seconds = []
-    for i in picks:
-        started = time.perf_counter()
-        for name, value in store.read(*keys[i]).items():
-            scratch[name].copy_(value)
-        if cuda:
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    return float(np.median(seconds))
 
 
 def reset_cuda_peak() -> int:
@@ -406,16 +251,8 @@ class OffloadEngine:
 
     def _seed(self, layer: int, indices: torch.Tensor) -> None:
         """Warm the decode cache with this layer's experts most used by the prompt's last tokens."""
-        recent = indices[-self.warm_tokens:].cpu().numpy()
-        weights = self.warm_decay ** np.arange(len(recent))[::-1]
-        score: dict[int, float] = {}
-        for w, row in zip(weights, recent):
-            for e in row.tolist():
-                score[e] = score.get(e, 0.0) + w
-        n_layers = len(self.info.layers)
-        share = self.cache.capacity if self.cache.scope == "per_layer" else \
-            self.cache.capacity // n_layers + (layer < self.cache.capacity % n_layers)
-        for expert in sorted(score, key=lambda e: (-score[e], e))[:share][::-1]:  # best last: most recent
+        quota = seed_quota(self.cache.capacity, self.cache.scope, len(self.info.layers), layer)
+        for expert in layer_seeds(indices[-self.warm_tokens:].cpu().numpy(), quota, self.warm_decay).tolist():
             key = (layer, expert)
             if self.cache.lookup(key) is not None:
                 self.cache.touch(key)

@@ -1,6 +1,6 @@
-"""Notebook 03's stage: WikiText-2 test entries served through simulated expert caches, and the memory saved.
+"""Notebook 03 (`03_cache_management`): WikiText-2 test entries served through simulated expert caches, and the memory saved.
 
-    python -m cfmoe.study cache_management --preset cpu
+    python -m cfmoe.stages cache_management --preset cpu
 
 Requests. Each of the first `cache.requests` WikiText-2 test entries is one request: the authors' entry
 prompt is its prefill and the first `cache.decode_tokens` tokens of the article its decode, teacher-forced.
@@ -21,15 +21,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import cache, costmodel, data, metrics, moe, routing, serving_sim
-from . import study
-from .config import StudyConfig
-from .determinism import make_deterministic
-from .provenance import save_figure, save_table
+from .. import cache, claims, costmodel, data, metrics, moe, routing, serving_sim
+from ..config import StudyConfig
+from ..determinism import make_deterministic
+from ..present import plots
+from ..provenance import save_figure, save_table
+from . import runs
 
-CACHE_MANAGEMENT = "03_cache_management"
-DEVICES = ("cpu", "npu")
-PAPER_MEMORY_SAVED = 0.357  # the authors' mean memory saved at equal decode throughput
+NOTEBOOK = "03_cache_management"
+DEVICES = tuple(costmodel.PROFILES)
 
 
 def request_inputs(tokenizer, n_requests: int, decode_tokens: int, max_positions: int) -> list[dict]:
@@ -123,16 +123,6 @@ def throughput_curves(curves: pd.DataFrame, sizes: costmodel.ModelSizes, n_route
     return pd.concat(frames, ignore_index=True)
 
 
-def saved_at_levels(base: pd.DataFrame, candidate: pd.DataFrame, shares, column: str = "cached_share") -> pd.DataFrame:
-    """Memory `candidate` needs at the tokens/s `base` reaches with `shares` of its routed experts cached, next
-    to base's own; both are curves with `column`, `memory_gb` and `tokens_per_s`."""
-    shares = np.asarray(shares, float)
-    levels = base.set_index(np.round(base[column], 6)).loc[np.round(shares, 6)].tokens_per_s.to_numpy()
-    saved = costmodel.memory_at_equal_throughput(base, candidate, levels)
-    return pd.DataFrame({column: shares, "tokens_per_s": saved.tokens_per_s, "memory_base_gb": saved.memory_a,
-                         "memory_cfmoe_gb": saved.memory_b, "memory_saved": saved.saved})
-
-
 def memory_saved(throughput: pd.DataFrame, shares, baseline=("lora_control", "lru"),
                  candidate=("cfmoe", "lru")) -> pd.DataFrame:
     """Memory the candidate (run, policy) needs at the tokens/s the baseline reaches with `shares` of its
@@ -144,7 +134,7 @@ def memory_saved(throughput: pd.DataFrame, shares, baseline=("lora_control", "lr
         on = tp[tp.device == device]
         base = on[(on.run == baseline[0]) & (on.policy == baseline[1])].sort_values("capacity")
         cand = on[(on.run == candidate[0]) & (on.policy == candidate[1])].sort_values("capacity")
-        table = saved_at_levels(base, cand, shares)
+        table = costmodel.saved_at_levels(base, cand, shares)
         table.insert(0, "device", device)
         table.insert(1, "policy", policy)
         rows.append(table)
@@ -153,7 +143,7 @@ def memory_saved(throughput: pd.DataFrame, shares, baseline=("lora_control", "lr
 
 def combinations(throughput: pd.DataFrame, serving: pd.DataFrame, shares, sizes, n_routed: int) -> pd.DataFrame:
     """Mean memory saved (over devices and levels) by each model x policy x prefill-mode combination, against
-    the control under plain LRU (unified prefill, one request at a time): which combination reaches 35.7%."""
+    the control under plain LRU (unified prefill, one request at a time): which combination reaches the paper's saving."""
     single = serving[serving.batch == serving.batch.min()].rename(columns={"decode_hit_rate": "hit_rate"})
     single = single.assign(policy=single.policy + "/" + single["mode"], scope="global")
     served = throughput_curves(single[["run", "policy", "scope", "capacity", "hit_rate", "cached_share"]],
@@ -171,18 +161,22 @@ def combinations(throughput: pd.DataFrame, serving: pd.DataFrame, shares, sizes,
     return pd.DataFrame(rows).sort_values(["source", "mean_memory_saved"], ascending=[True, False], ignore_index=True)
 
 
-def cache_management_stage(cfg: StudyConfig, force: bool = False) -> dict:
-    """Notebook 03: traces of the four models, hit-rate curves, serving modes, memory at equal throughput."""
+def compute(cfg: StudyConfig, force: bool = False) -> dict:
+    """Traces of the four models (recorded once, then read from files), hit-rate curves, serving modes, memory at equal throughput."""
     make_deterministic(cfg.seed, cfg.threads)
-    out = cfg.results_dir(CACHE_MANAGEMENT)
+    out = cfg.results_dir(NOTEBOOK)
     cc = cfg.cache
-    models, tokenizer = study.load_runs(cfg)
+    models, tokenizer = runs.load_runs(cfg)
     info = moe.describe(models["base"])
     n_layers, n_experts, top_k = len(info.layers), info.n_experts, info.top_k
     n_routed = n_layers * n_experts
     max_positions = models["base"].config.max_position_embeddings
     requests = request_inputs(tokenizer, cc.requests, cc.decode_tokens, max_positions)
-    traces = {run: request_traces(lm, requests, tokenizer.pad_token_id, cfg.eval.batch_size)
+    settings = {"kind": "requests", "requests": [r["prompt"] + [-1] + r["decode"] for r in requests],
+                "batch_size": cfg.eval.batch_size}
+    traces = {run: runs.cached_traces(cfg, NOTEBOOK, run, lm, settings, force=force,
+                                      compute=lambda lm=lm: request_traces(lm, requests, tokenizer.pad_token_id,
+                                                                           cfg.eval.batch_size))
               for run, lm in models.items()}
 
     summary = pd.DataFrame([{
@@ -224,11 +218,62 @@ def cache_management_stage(cfg: StudyConfig, force: bool = False) -> dict:
             "paper_sizes": paper, "own_sizes": own}
 
 
-def cache_management_figures(cfg: StudyConfig, results: dict) -> None:
-    """Figures of notebook 03, drawn from the stage's tables."""
-    from . import plots
+def policy_gaps(curves: pd.DataFrame) -> dict[str, float]:
+    """Our `layer_lru` against LRU (mean, best, worst hit-rate gain; points won and lost over every model and
+    capacity of the global pool), and how far LOPT and LRU sit below OPT on average."""
+    g = curves[curves.scope == "global"].pivot_table(index=["run", "capacity"], columns="policy", values="hit_rate")
+    gain = g["layer_lru"] - g["lru"]
+    return {"mean": gain.mean(), "best": gain.max(), "worst": gain.min(), "wins": int((gain > 0).sum()),
+            "losses": int((gain < 0).sum()), "points": len(gain), "lopt_below_opt": (g["opt"] - g["lopt"]).mean(),
+            "lru_below_opt": (g["opt"] - g["lru"]).mean()}
 
-    out = cfg.results_dir(CACHE_MANAGEMENT)
+
+def mode_means(serving: pd.DataFrame) -> pd.DataFrame:
+    """Decode hit rate of each prefill mode averaged over the capacity grid, and each disaggregated mode's
+    difference from unified."""
+    pivot = serving.pivot_table(index=["run", "policy", "batch"], columns="mode", values="decode_hit_rate",
+                                aggfunc="mean")
+    pivot["disaggregated - unified"] = pivot["disaggregated"] - pivot["unified"]
+    pivot["warm - unified"] = pivot["disaggregated_warm"] - pivot["unified"]
+    return pivot
+
+
+def modes_at_levels(serving: pd.DataFrame, shares) -> pd.DataFrame:
+    """At the throughput levels' capacities: each disaggregated mode's decode hit rate against unified's
+    (points at least as high, mean/min/max difference) and its prefill bytes relative to unified's."""
+    levels = serving[serving.cached_share.round(6).isin(np.round(np.asarray(shares, float), 6))]
+    by = levels.set_index(["run", "policy", "batch", "capacity", "mode"])
+    unified = by.xs("unified", level="mode")
+    rows = []
+    for mode in ("disaggregated", "disaggregated_warm"):
+        other = by.xs(mode, level="mode")
+        diff = other.decode_hit_rate - unified.decode_hit_rate
+        rows.append({"mode": mode, "at_least_unified": int((diff >= 0).sum()), "points": len(diff),
+                     "mean": diff.mean(), "min": diff.min(), "max": diff.max(),
+                     "worst_per_model": diff.groupby("run").min().round(4).to_dict(),
+                     "prefill_bytes_vs_unified": (other.prefill_loaded_bytes / unified.prefill_loaded_bytes - 1).mean()})
+    return pd.DataFrame(rows).set_index("mode")
+
+
+def memory_headline(saved: pd.DataFrame, summary: pd.DataFrame) -> dict:
+    """Mean memory saved (CFMoE vs the control, same policy), per policy, the verdict against the paper, and
+    the decode ECR rise behind it."""
+    req = summary.set_index("run")
+    mean = saved.memory_saved.mean()
+    return {"mean": mean, "rows": int(saved.memory_saved.notna().sum()), "verdict": claims.memory_verdict(mean),
+            "per_policy": saved.groupby("policy", sort=False).memory_saved.mean().to_dict(),
+            "control_ecr": req.loc["lora_control", "decode_ecr"], "cfmoe_ecr": req.loc["cfmoe", "decode_ecr"],
+            "ecr_gain": req.loc["cfmoe", "decode_ecr"] / req.loc["lora_control", "decode_ecr"] - 1}
+
+
+def reaching_paper(combos: pd.DataFrame) -> pd.DataFrame:
+    """The combinations whose mean memory saved reaches the paper's."""
+    return combos[combos.mean_memory_saved >= claims.PAPER_MEMORY_SAVED]
+
+
+def figures(cfg: StudyConfig, results: dict) -> None:
+    """Figures of notebook 03, drawn from the stage's tables."""
+    out = cfg.results_dir(NOTEBOOK)
     save_figure(plots.hit_rate_curves(results["curves"]), out / "hit_rate_curves", cfg)
     save_figure(plots.serving_modes(results["serving"]), out / "serving_modes", cfg)
     save_figure(plots.memory_throughput(results["throughput"], results["saved"]), out / "memory_throughput", cfg)

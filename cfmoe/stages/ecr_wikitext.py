@@ -1,6 +1,6 @@
-"""Notebook 04's stage: the authors' WikiText protocol on generated text, and their evaluation table.
+"""Notebook 04 (`04_ecr_wikitext`): the authors' WikiText protocol on generated text, and their evaluation table.
 
-    python -m cfmoe.study ecr_wikitext --preset cpu
+    python -m cfmoe.stages ecr_wikitext --preset cpu
 
 Each model is asked to describe each of the first `ecr.entries` WikiText-2 test entries (the authors' prompt
 with the article title) and generates with the authors' sampling (temperature 0.2, top-p 0.9, repetition
@@ -16,14 +16,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import data, metrics, moe, routing, study, textquality
-from .config import StudyConfig
-from .determinism import make_deterministic
-from .provenance import save_figure, save_table
+from .. import claims, data, metrics, moe, routing, textquality
+from ..config import StudyConfig
+from ..determinism import make_deterministic
+from ..present import plots
+from ..provenance import save_figure, save_table
+from . import runs
 
-ECR_WIKITEXT = "04_ecr_wikitext"
-# the authors' released WikiText table: 20 samples from DeepSeek-MoE-16B (k/E = 6/64)
-PAPER = {"model": "DeepSeek-MoE-16B (authors)", "k_over_e": 6 / 64, "ecr_baseline": 0.3255, "ecr_cfmoe": 0.4420}
+NOTEBOOK = "04_ecr_wikitext"
+# the authors' released WikiText table, as a row beside ours
+PAPER = {"model": f"{claims.PAPER_MODEL} (authors)",
+         "k_over_e": claims.DEEPSEEK_MOE_16B["top_k"] / claims.DEEPSEEK_MOE_16B["n_routed"],
+         "ecr_baseline": claims.PAPER_ECR_BASELINE, "ecr_cfmoe": claims.PAPER_ECR_CFMOE}
 
 
 def decoding_settings(cfg: StudyConfig) -> dict[str, dict]:
@@ -76,12 +80,12 @@ def authors_table(samples: pd.DataFrame, decoding: str = "sampled") -> pd.DataFr
                          "Output_CFMoE": cfmoe.output, "ECR_CFMoE": cfmoe.decode_ecr}).reset_index(drop=True)
 
 
-def ecr_wikitext_stage(cfg: StudyConfig, force: bool = False) -> dict:
-    """Notebook 04: generate for each entry with each model and decoding; ECR, GDS, LAL and quality."""
+def compute(cfg: StudyConfig, force: bool = False) -> dict:
+    """Generate (traces recorded once, then read from files) for each entry with each model and decoding; ECR, GDS, LAL and quality."""
     make_deterministic(cfg.seed, cfg.threads)
-    out = cfg.results_dir(ECR_WIKITEXT)
+    out = cfg.results_dir(NOTEBOOK)
     e = cfg.ecr
-    models, tokenizer = study.load_runs(cfg)
+    models, tokenizer = runs.load_runs(cfg)
     info = moe.describe(models["base"])
     task = data.entry_task("test")
     task = task.select(range(min(e.entries, len(task))))
@@ -91,7 +95,11 @@ def ecr_wikitext_stage(cfg: StudyConfig, force: bool = False) -> dict:
     rows, per_layer, quality = [], [], []
     for run, lm in models.items():
         for decoding, settings in decoding_settings(cfg).items():
-            traces = generate_entries(lm, tokenizer, prompts, settings, e.max_new_tokens, e.batch_size, cfg.seed)
+            key = {"kind": "generate", "prompts": prompts, "decoding": settings, "max_new_tokens": e.max_new_tokens,
+                   "batch_size": e.batch_size, "seed": cfg.seed}
+            traces = runs.cached_traces(cfg, NOTEBOOK, f"{run}-{decoding}", lm, key, force=force,
+                                        compute=lambda: generate_entries(lm, tokenizer, prompts, settings,
+                                                                         e.max_new_tokens, e.batch_size, cfg.seed))
             r, p = sample_rows(traces, tokenizer, titles, prompts, run, decoding)
             rows += r
             per_layer += p
@@ -118,7 +126,7 @@ def ecr_wikitext_stage(cfg: StudyConfig, force: bool = False) -> dict:
                                                      / ref.loc["lora_control", "article_ppl"] - 1)
     sampled = summary[summary.decoding == "sampled"].set_index("run")
     comparison = pd.DataFrame([
-        {**PAPER, "gain": PAPER["ecr_cfmoe"] / PAPER["ecr_baseline"] - 1, "samples": 20},
+        {**PAPER, "gain": claims.PAPER_ECR_GAIN, "samples": claims.PAPER_ECR_SAMPLES},
         {"model": f"cfmoe {cfg.preset} default" if not cfg.model_path else cfg.model_path, "k_over_e": k_over_e,
          "ecr_baseline": sampled.loc["base", "decode_ecr"], "ecr_cfmoe": sampled.loc["cfmoe", "decode_ecr"],
          "gain": sampled.loc["cfmoe", "ecr_vs_base"], "samples": int(sampled.loc["base", "samples"])}])
@@ -137,11 +145,28 @@ def ecr_wikitext_stage(cfg: StudyConfig, force: bool = False) -> dict:
             "comparison": comparison, "info": info}
 
 
-def ecr_wikitext_figures(cfg: StudyConfig, results: dict) -> None:
-    """Figures of notebook 04, drawn from the stage's tables."""
-    from . import plots
+def verdicts(summary: pd.DataFrame) -> list[str]:
+    """Per decoding: CFMoE's decode ECR against base (the paper's gain as the bar) and the control, repetition and
+    diversity next to base's and the control's; then the article perplexity against the control."""
+    s = summary.set_index(["decoding", "run"])
+    lines = []
+    for decoding in ("sampled", "greedy"):
+        base, control, cf = (s.loc[(decoding, run)] for run in ("base", "lora_control", "cfmoe"))
+        lines.append(f"{decoding}: decode ECR {cf.decode_ecr:.4f} vs base {base.decode_ecr:.4f}: "
+                     f"{claims.GENERATED_ECR_GAIN.verdict(cf.ecr_vs_base)}; vs control "
+                     f"{cf.decode_ecr / control.decode_ecr - 1:+.1%}")
+        lines.append(f"    repeated 4-grams: CFMoE {cf.repeated_4gram_rate:.4f}, base {base.repeated_4gram_rate:.4f}, "
+                     f"control {control.repeated_4gram_rate:.4f}; distinct-2: CFMoE {cf.distinct_2:.3f}, base "
+                     f"{base.distinct_2:.3f}, control {control.distinct_2:.3f}")
+    cf, control = s.loc[("sampled", "cfmoe")], s.loc[("sampled", "lora_control")]
+    lines.append(f"article perplexity given the prompt: CFMoE {cf.article_ppl:.2f} vs control {control.article_ppl:.2f}: "
+                 f"{claims.PPL_COST.verdict(cf.ppl_vs_control)}")
+    return lines
 
-    out = cfg.results_dir(ECR_WIKITEXT)
+
+def figures(cfg: StudyConfig, results: dict) -> None:
+    """Figures of notebook 04, drawn from the stage's tables."""
+    out = cfg.results_dir(NOTEBOOK)
     k_over_e = results["info"].top_k / results["info"].n_experts
     save_figure(plots.ecr_distributions(results["samples"], k_over_e), out / "ecr_distributions", cfg)
     save_figure(plots.per_layer_heatmaps(results["per_layer"]), out / "per_layer_ecr_heatmaps", cfg)

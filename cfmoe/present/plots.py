@@ -1,6 +1,6 @@
 """The study's one plot style and its figures; every function reads tables and returns a Figure.
 
-    from cfmoe import plots
+    from cfmoe.present import plots
     fig = plots.training_curve(pd.read_csv("results/00_base_model/training_log.csv"))
 """
 
@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+
+from .. import claims  # noqa: E402
 
 STYLE = {"context": "notebook", "style": "whitegrid", "palette": "colorblind"}
 plt.rcParams["svg.hashsalt"] = "cfmoe"  # stable SVG ids, so re-runs give identical files
@@ -207,8 +209,11 @@ def predicted_vs_measured(prediction: pd.DataFrame) -> plt.Figure:
     for ax in grid.axes.flat:
         lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [lo, hi], ls="--", color="grey")
-        ax.fill_between([lo, hi], [0.75 * lo, 0.75 * hi], [1.25 * lo, 1.25 * hi], color="grey", alpha=0.15)
+        band = claims.COST_MODEL_ERROR.bound
+        ax.fill_between([lo, hi], [(1 - band) * lo, (1 - band) * hi], [(1 + band) * lo, (1 + band) * hi],
+                        color="grey", alpha=0.15)
         ax.set_yscale("log")
         ax.set_xscale("log")
-    grid.set_axis_labels("measured decode tokens/s", "predicted decode tokens/s (band: ±25%)")
+    grid.set_axis_labels("measured decode tokens/s",
+                         f"predicted decode tokens/s (band: ±{claims.COST_MODEL_ERROR.bound:.0%})")
     return grid.figure

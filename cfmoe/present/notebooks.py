@@ -1,6 +1,6 @@
 """Notebook helpers for the papermill chain: name the cell that failed.
 
-    python -m cfmoe.notebooks failed-cell results/executed/cpu/.00_base_model.partial.ipynb
+    python -m cfmoe.present.notebooks failed-cell results/executed/cpu/.00_base_model.partial.ipynb
 """
 
 from __future__ import annotations
@@ -23,5 +23,5 @@ def failed_cell(path: str | Path) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "failed-cell":
-        sys.exit("usage: python -m cfmoe.notebooks failed-cell NOTEBOOK.ipynb")
+        sys.exit("usage: python -m cfmoe.present.notebooks failed-cell NOTEBOOK.ipynb")
     print(failed_cell(sys.argv[2]))

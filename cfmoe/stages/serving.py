@@ -1,6 +1,6 @@
-"""Notebook 05's stage: real decode tokens/s and TTFT of the offloading engine against its memory budget.
+"""Notebook 05 (`05_serving`): real decode tokens/s and TTFT of the offloading engine against its memory budget.
 
-    python -m cfmoe.study serving --preset cpu
+    python -m cfmoe.stages serving --preset cpu
 
 Each model serves the same requests (the entry prompts of the first `serving.requests` WikiText-2 test
 entries, one after another, greedy, `serving.new_tokens` tokens each) in memory and through
@@ -19,14 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import costmodel, data, moe, study
-from .cache_study import saved_at_levels
-from .config import StudyConfig
-from .determinism import make_deterministic
-from .provenance import save_figure, save_table
-from .serving import ExpertStore, OffloadEngine, measure_load_seconds, reset_cuda_peak, write_store
+from .. import claims, costmodel, data, moe
+from ..config import StudyConfig
+from ..determinism import make_deterministic
+from ..present import plots
+from ..provenance import save_figure, save_table
+from ..serving import ExpertStore, OffloadEngine, measure_load_seconds, reset_cuda_peak, write_store
+from . import runs
 
-SERVING = "05_serving"
+NOTEBOOK = "05_serving"
 
 
 def _generate_kwargs(tokenizer, new_tokens: int, repetition_penalty: float) -> dict:
@@ -36,7 +37,7 @@ def _generate_kwargs(tokenizer, new_tokens: int, repetition_penalty: float) -> d
             "pad_token_id": tokenizer.pad_token_id, "eos_token_id": None}
 
 
-def paper_io_ratio(bits_per_param: float = 4.5) -> float:
+def paper_io_ratio(bits_per_param: float = claims.DEEPSEEK_MOE_16B["bits_per_param"]) -> float:
     """On the authors' edge CPU, how many times longer a token takes when all its experts miss (read at flash
     speed) than its memory-bound time with everything cached: W_dynamic/B_io / ((W_resident+W_dynamic)/B_mem)."""
     sizes, device = costmodel.deepseek_moe_16b(bits_per_param), costmodel.PROFILES["cpu"]
@@ -44,7 +45,8 @@ def paper_io_ratio(bits_per_param: float = 4.5) -> float:
         ((sizes.w_resident + sizes.w_dynamic) / (device.mem_bandwidth_gbps * 1e9))
 
 
-def scaled_bandwidth(sizes: costmodel.ModelSizes, seconds_per_token: float, bits_per_param: float = 4.5) -> float:
+def scaled_bandwidth(sizes: costmodel.ModelSizes, seconds_per_token: float,
+                     bits_per_param: float = claims.DEEPSEEK_MOE_16B["bits_per_param"]) -> float:
     """GB/s at which our model's all-miss token costs `paper_io_ratio` times its measured in-memory token time:
     a slow tier as slow, relative to this machine's compute, as the authors' flash was to their device."""
     return sizes.w_dynamic / (paper_io_ratio(bits_per_param) * seconds_per_token) / 1e9
@@ -114,12 +116,12 @@ def engine_run(lm, store, requests, reference, kwargs, **engine_kwargs) -> dict:
     return result
 
 
-def serving_stage(cfg: StudyConfig, force: bool = False) -> dict:
-    """Notebook 05: measure the engine on this machine for every run, tier, budget, policy and mode."""
+def compute(cfg: StudyConfig, force: bool = False) -> dict:
+    """Measure the engine on this machine for every run, tier, budget, policy and mode."""
     make_deterministic(cfg.seed, cfg.threads)
-    out = cfg.results_dir(SERVING)
+    out = cfg.results_dir(NOTEBOOK)
     sc = cfg.serving
-    models, tokenizer = study.load_runs(cfg)
+    models, tokenizer = runs.load_runs(cfg)
     info = moe.describe(models["base"])
     device = next(models["base"].parameters()).device
     n_routed = len(info.layers) * info.n_experts
@@ -170,7 +172,7 @@ def serving_stage(cfg: StudyConfig, force: bool = False) -> dict:
     measured["vs_in_memory"] = measured.decode_tokens_per_s / measured.run.map(in_mem)
 
     prediction = predict(measured, sizes, profile, load_s)
-    levels = [s for s in sc.shares if s in (0.25, 0.5, 0.75)] or list(sc.shares)
+    levels = [s for s in sc.shares if s in cfg.cache.cached_shares] or list(sc.shares)  # notebook 03's levels
     saved = memory_saved(measured, levels)
     keys = ["run", "tier", "policy", "mode", "share"]
     predicted = measured.merge(prediction[keys + ["calibrated_tokens_per_s"]], on=keys, how="inner")
@@ -236,17 +238,60 @@ def memory_saved(measured: pd.DataFrame, shares, baseline: str = "base", candida
         base, cand = group[group.run == baseline], group[group.run == candidate]
         if base.empty or cand.empty:
             continue
-        table = saved_at_levels(base, cand, shares, column="share")
+        table = costmodel.saved_at_levels(base, cand, shares, column="share")
         for i, (name, value) in enumerate((("tier", tier), ("policy", policy), ("mode", mode))):
             table.insert(i, name, value)
         rows.append(table)
     return pd.concat(rows, ignore_index=True)
 
 
-def serving_figures(cfg: StudyConfig, results: dict) -> None:
-    """Figures of notebook 05, drawn from the stage's tables."""
-    from . import plots
+def mode_ratios(measured: pd.DataFrame) -> pd.DataFrame:
+    """Decode tokens/s of each disaggregated mode over unified's, LRU, on the tier(s) where every mode ran;
+    rows (run, tier, share)."""
+    lru = measured[(measured.tier != "in_memory") & (measured.policy == "lru")]
+    lru = lru[lru.tier.isin(lru[lru["mode"] == "disaggregated_warm"].tier.unique())]
+    by = lru.pivot_table(index=["run", "tier", "share"], columns="mode", values="decode_tokens_per_s")
+    return pd.DataFrame({mode: by[mode] / by.unified for mode in ("disaggregated", "disaggregated_warm")})
 
-    out = cfg.results_dir(SERVING)
+
+def prefetch_speedups(measured: pd.DataFrame) -> pd.Series:
+    """Decode tokens/s with next-layer prefetch over plain disaggregated (LRU), per (run, tier, share) it ran at."""
+    lru = measured[(measured.tier != "in_memory") & (measured.policy == "lru")]
+    by = lru.pivot_table(index=["run", "tier", "share"], columns="mode", values="decode_tokens_per_s")
+    if "disaggregated+prefetch" not in by:
+        return pd.Series(dtype=float, name="speed-up")
+    return (by["disaggregated+prefetch"] / by.disaggregated).dropna().rename("speed-up")
+
+
+def prefetch_summary(measured: pd.DataFrame) -> pd.DataFrame:
+    """Per tier: median prefetch speed-up, points at or above 1, how often a guess was used, extra decode bytes,
+    and the verdict."""
+    speedup = prefetch_speedups(measured)
+    engine = measured[(measured.tier != "in_memory") & (measured.policy == "lru")]
+    fetched = engine[engine.prefetch.astype(bool)].groupby("tier")
+    plain = engine[engine["mode"] == "disaggregated"].groupby("tier").decode_bytes_read.sum()
+    rows = []
+    for tier, r in speedup.groupby(level="tier"):
+        used, guessed = fetched.prefetch_used.sum()[tier], fetched.prefetched.sum()[tier]
+        rows.append({"tier": tier, "median_speedup": r.median(), "points": len(r), "faster": int((r >= 1).sum()),
+                     "right": used / guessed, "extra_decode_bytes": fetched.decode_bytes_read.sum()[tier] / plain[tier] - 1,
+                     "verdict": claims.pays(r.median())})
+    return pd.DataFrame(rows)
+
+
+def prediction_errors(prediction: pd.DataFrame, tier: str | None = None) -> pd.DataFrame:
+    """Each cost model's error against the measurement over the runs not used for calibration (on `tier`, or
+    all): median, median |error| and the share within `claims.COST_MODEL_ERROR`."""
+    tested = prediction[~prediction.calibration.astype(bool) & ((prediction.tier == tier) if tier else True)]
+    rows = [{"model": column.removesuffix("_error"), "runs": len(tested), "median_error": tested[column].median(),
+             "median_abs_error": tested[column].abs().median(),
+             "within_target": tested[column].abs().map(claims.COST_MODEL_ERROR.met).mean()}
+            for column in ("authors_model_error", "calibrated_error")]
+    return pd.DataFrame(rows).set_index("model")
+
+
+def figures(cfg: StudyConfig, results: dict) -> None:
+    """Figures of notebook 05, drawn from the stage's tables."""
+    out = cfg.results_dir(NOTEBOOK)
     save_figure(plots.measured_throughput(results["measured"]), out / "measured_throughput", cfg)
     save_figure(plots.predicted_vs_measured(results["prediction"]), out / "predicted_vs_measured", cfg)

@@ -1,6 +1,6 @@
 """The study's headline numbers next to the paper's claims: `results/summary.md`, generated from the tables.
 
-    python -m cfmoe.report            # after run_all.sh; reads results/ (cpu) and results/*/gpu/ when present
+    python -m cfmoe.present.report    # after run_all.sh; reads results/ (cpu) and results/*/gpu/ when present
 
 Every number is read from a committed table and links to it; a preset whose notebook has not run shows "—".
 """
@@ -8,37 +8,23 @@ Every number is read from a committed table and links to it; a preset whose note
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import pandas as pd
 
-from .config import ROOT
-from .provenance import sidecar, write_json_atomic, write_text_atomic
+from .. import claims
+from ..config import ROOT, results_root, results_subdir
+from ..provenance import sidecar, write_json_atomic, write_text_atomic
+from ..stages import fine_tuning
+from ..stages import serving as engine_stage
 
 PRESETS = ("cpu", "gpu")
-PAPER = {
-    "ecr_test": "ECR 0.326 → 0.442 (+35.8%)",
-    "ecr_generated": "0.3255 → 0.4420 (+35.8%), 20 samples, DeepSeek-MoE-16B",
-    "ppl": "no precision loss",
-    "memory": "−35.7% (mean)",
-    "memory_best": "−35.7% (CFMoE system)",
-    "daft": "fewer parameters, same effect",
-    "serving": "disaggregation protects the decode cache",
-    "engine_memory": "−35.7% (cost model, not measured)",
-    "engine_modes": "—",
-    "engine_model": "memory-bound model, not checked against measurements",
-    "prefetch": "— (not in the paper)",
-}
-
-
-def results_root() -> Path:
-    return Path(os.environ.get("CFMOE_RESULTS", ROOT / "results"))
+PAPER = claims.paper_text()
 
 
 def _table(root: Path, notebook: str, preset: str, name: str) -> tuple[pd.DataFrame | None, str]:
     """A stage's CSV for a preset and its path relative to the results root (None when it has not run)."""
-    relative = Path(notebook) / ("" if preset == "cpu" else preset) / f"{name}.csv"
+    relative = results_subdir(notebook, preset) / f"{name}.csv"
     path = root / relative
     return (pd.read_csv(path) if path.is_file() else None), relative.as_posix()
 
@@ -60,13 +46,11 @@ def headline(root: Path, preset: str) -> dict[str, str]:
     cells = dict.fromkeys(PAPER, "—")
     runs, path = _table(root, "02_fine_tuning", preset, "runs")
     if runs is not None:
-        r = runs.set_index("run")
-        c, f, d = r.loc["lora_control"], r.loc["cfmoe"], r.loc["cfmoe_daft"]
-        cells["ecr_test"] = _link(f"{c.test_ecr:.3f} → {f.test_ecr:.3f} ({f.ecr_vs_control:+.1%})", path)
-        cells["ppl"] = _link(f"{f.ppl_vs_control:+.2%} (DAFT {d.ppl_vs_control:+.2%})", path)
-        gain = (d.test_ecr - c.test_ecr) / (f.test_ecr - c.test_ecr)
-        cells["daft"] = _link(f"{d.trainable_params / f.trainable_params:.0%} of the parameters, "
-                              f"{d.train_seconds / f.train_seconds:.0%} of the time, {gain:.0%} of the ECR gain", path)
+        h = fine_tuning.headline(runs)
+        cells["ecr_test"] = _link(f"{h['control_ecr']:.3f} → {h['cfmoe_ecr']:.3f} ({h['ecr_gain']:+.1%})", path)
+        cells["ppl"] = _link(f"{h['ppl_cost']:+.2%} (DAFT {h['daft_ppl_cost']:+.2%})", path)
+        cells["daft"] = _link(f"{h['daft_params']:.0%} of the parameters, {h['daft_time']:.0%} of the time, "
+                              f"{h['daft_gain']:.0%} of the ECR gain", path)
     comparison, path = _table(root, "04_ecr_wikitext", preset, "paper_comparison")
     if comparison is not None:
         ours = comparison.iloc[-1]
@@ -105,22 +89,20 @@ def headline(root: Path, preset: str) -> dict[str, str]:
                                            f"levels reached); {model}", path)
     prediction, path = _table(root, "05_serving", preset, "prediction")
     if prediction is not None:
-        tested = prediction[~prediction.calibration.astype(bool)]
-        error = tested.calibrated_error.abs()
-        cells["engine_model"] = _link(f"corrected model: median absolute error {error.median():.1%}, within ±25% at "
-                                      f"{(error <= 0.25).mean():.0%} of {len(tested)} runs; the authors' model "
-                                      f"{tested.authors_model_error.median():+.0%} (median)", path)
+        errors = engine_stage.prediction_errors(prediction)
+        ours, authors = errors.loc["calibrated"], errors.loc["authors_model"]
+        cells["engine_model"] = _link(f"corrected model: median absolute error {ours.median_abs_error:.1%}, within "
+                                      f"±{claims.COST_MODEL_ERROR.bound:.0%} at {ours.within_target:.0%} of "
+                                      f"{int(ours.runs)} runs; the authors' model {authors.median_error:+.0%} (median)", path)
     engine, path = _table(root, "05_serving", preset, "measurements")
     if engine is not None:
-        lru = engine[(engine.tier != "in_memory") & (engine.policy == "lru")]
-        lru = lru[lru.tier.isin(lru[lru["mode"] == "disaggregated_warm"].tier.unique())]  # the tier all modes ran on
-        by = lru.pivot_table(index=["run", "tier", "share"], columns="mode", values="decode_tokens_per_s")
-        ratio = by.disaggregated / by.unified
-        warm = by.disaggregated_warm / by.unified
-        cells["engine_modes"] = _link(f"{', '.join(lru.tier.unique())} tier: disaggregated / unified median {ratio.median():.2f}×, warm {warm.median():.2f}×; "
+        ratios = engine_stage.mode_ratios(engine)
+        tiers = ", ".join(ratios.index.get_level_values("tier").unique())
+        cells["engine_modes"] = _link(f"{tiers} tier: disaggregated / unified median "
+                                      f"{ratios.disaggregated.median():.2f}×, warm {ratios.disaggregated_warm.median():.2f}×; "
                                       f"all runs token-identical: {bool(engine.identical.all())}", path)
-        if "disaggregated+prefetch" in by:
-            speedup = (by["disaggregated+prefetch"] / by.disaggregated).dropna()
+        speedup = engine_stage.prefetch_speedups(engine)
+        if len(speedup):
             fetched = engine[engine["mode"] == "disaggregated+prefetch"]
             cells["prefetch"] = _link(f"{speedup.median():.2f}× plain disaggregated (median, {len(speedup)} points); "
                                       f"next-layer guesses right {fetched.prefetch_used.sum() / fetched.prefetched.sum():.0%}", path)
@@ -154,7 +136,7 @@ def build(root: Path | None = None) -> str:
     """The summary's markdown."""
     root = root or results_root()
     lines = ["# cfmoe: headline numbers", "",
-             "Generated by `python -m cfmoe.report` at the end of `run_all.sh`, from the tables each number links to. "
+             "Generated by `python -m cfmoe.present.report` at the end of `run_all.sh`, from the tables each number links to. "
              "`cpu` is the default study (a 15.9M-parameter Qwen2-MoE with DeepSeek-MoE-16B's routing geometry, "
              "trained here); `gpu` is the larger preset run on one H200. "
              "Memory figures use the authors' cost model at DeepSeek-MoE-16B's 4.5-bit sizes.", "", *table(root)]

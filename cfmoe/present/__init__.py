@@ -1,0 +1,1 @@
+"""Presentation: one plot style (`plots`), the headline summary (`report`), notebook-chain helpers."""

@@ -1,0 +1,17 @@
+"""The study: one module per notebook (`NN_name.ipynb` ↔ `cfmoe.stages.name`), each computing its results
+into `results/NN_name/` and drawing its figures from them.
+
+    python -m cfmoe.stages base_model --preset gpu       # a notebook's stage without Jupyter
+
+Every stage module has `NOTEBOOK` (its results folder), `compute(cfg, force=False)` and
+`figures(cfg, results)`. Models and routing traces come from `cfmoe.stages.runs`; paper numbers, targets
+and verdicts from `cfmoe.claims`.
+"""
+
+from __future__ import annotations
+
+from . import base_model, cache_management, ecr_wikitext, fine_tuning, router_design, serving
+
+# stage name -> module, in chain order (notebook NN)
+STAGES = {module.NOTEBOOK.split("_", 1)[1]: module
+          for module in (base_model, router_design, fine_tuning, cache_management, ecr_wikitext, serving)}

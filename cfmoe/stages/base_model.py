@@ -1,0 +1,73 @@
+"""Notebook 00 (`00_base_model`): is the default model a fair stand-in (geometry, bytes, balance)?
+
+    python -m cfmoe.stages base_model --preset cpu
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from .. import metrics, model, moe
+from ..config import StudyConfig
+from ..determinism import make_deterministic
+from ..present import plots
+from ..provenance import save_figure, save_table
+from . import runs
+
+NOTEBOOK = "00_base_model"
+
+
+def compute(cfg: StudyConfig, force: bool = False) -> dict[str, pd.DataFrame]:
+    """Build or load the base model; its size, test perplexity and expert load."""
+    make_deterministic(cfg.seed, cfg.threads)
+    out = cfg.results_dir(NOTEBOOK)
+    lm, tokenizer = runs.load_base(cfg, force=force)
+    info = moe.describe(lm)
+    build = model.build_info(runs.model_dir(cfg))
+
+    started = time.perf_counter()
+    test = runs.test_evaluation(cfg, NOTEBOOK, "base", lm, tokenizer, cfg.pretrain.block_size, cfg.eval.max_test_tokens,
+                                force)
+    eval_seconds = time.perf_counter() - started
+
+    load = metrics.expert_load(test["experts"], info.n_experts)
+    ratio = load.max(axis=1) / (info.top_k / info.n_experts)
+    n_params = sum(p.numel() for p in lm.parameters())
+    summary = pd.DataFrame([{
+        "preset": cfg.preset, "model": cfg.model_path or f"cfmoe default (artifacts/{cfg.preset}/base_model)", "architecture": info.architecture,
+        "parameters": n_params, "moe_layers": len(info.layers), "n_experts": info.n_experts, "top_k": info.top_k,
+        "k_over_E": info.top_k / info.n_experts, "routed_expert_share": info.routed_share,
+        "expert_mb": info.layers[0].expert_bytes / 1e6, "resident_mb": info.resident_bytes / 1e6,
+        "test_perplexity": test["test_ppl"], "test_tokens": test["tokens"], "test_ecr": test["test_ecr"],
+        "max_expert_load_ratio": float(ratio.max()),
+        "train_steps": build.get("steps"), "train_seconds": build.get("train_seconds"),
+        "train_tokens_per_second": build.get("train_tokens_per_second"),
+        "epochs": (build["steps"] * cfg.pretrain.batch_size * cfg.pretrain.block_size / build["train_tokens_per_epoch"]
+                   if build else None),
+        "best_heldout_loss": build.get("best_heldout_loss"),
+    }])
+    per_layer = pd.DataFrame({
+        "moe_layer": np.arange(len(ratio)), "max_load_ratio": ratio,
+        "min_load_ratio": load.min(axis=1) / (info.top_k / info.n_experts),
+        "load_cv": load.std(axis=1) / load.mean(axis=1),
+    })
+    loads = pd.DataFrame(load, columns=[f"e{i}" for i in range(info.n_experts)]).assign(moe_layer=range(len(load)))
+    log = pd.DataFrame(model.training_log(runs.model_dir(cfg)))
+    extra = {"eval_seconds": round(eval_seconds, 1)}
+    save_table(summary, out / "base_model", cfg, **extra)
+    save_table(per_layer, out / "expert_load_per_layer", cfg)
+    save_table(loads, out / "expert_load", cfg)
+    if not log.empty:
+        save_table(log, out / "training_log", cfg)
+    return {"summary": summary, "per_layer": per_layer, "load": load, "training_log": log, "info": info}
+
+
+def figures(cfg: StudyConfig, results: dict) -> None:
+    """Figures of notebook 00, drawn from the stage's tables."""
+    out = cfg.results_dir(NOTEBOOK)
+    if not results["training_log"].empty:
+        save_figure(plots.training_curve(results["training_log"], results["info"].top_k), out / "training_curve", cfg)
+    save_figure(plots.expert_load(results["load"], results["info"].top_k), out / "expert_load", cfg)

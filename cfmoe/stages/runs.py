@@ -1,0 +1,135 @@
+"""The study's models and their routing traces, as files: what every stage loads, below every stage.
+
+    lm, tokenizer = load_base(cfg)                       # the model under study
+    models, tokenizer = load_runs(cfg)                   # base + notebook 02's fine-tuned runs
+    traces = cached_traces(cfg, "03_cache_management", "cfmoe", models["cfmoe"], settings, compute)
+
+Routing traces are recorded once per (model, data, settings) and read back from
+`artifacts/<preset>/traces/<stage>/<run>-<fingerprint>/`: the fingerprint hashes the model's weights, the
+settings (which include the input token ids) and the trace schema, so a change of any of them records anew,
+and a change of an analysis alone reads the files. `force=True` records again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import evaluate, model, moe, routing
+from ..config import StudyConfig
+from ..provenance import write_json_atomic
+
+FINETUNE_RUNS = ("base", "lora_control", "cfmoe", "cfmoe_daft")
+
+
+def load_base(cfg: StudyConfig, force: bool = False):
+    """The model under study: `cfg.model_path` when given, else the project's pre-trained default."""
+    if cfg.model_path:
+        return model.load_model(cfg.model_path, device=cfg.device)
+    return model.build_or_load(cfg, force=force)
+
+
+def model_dir(cfg: StudyConfig) -> str:
+    return cfg.model_path or str(model.base_model_dir(cfg))
+
+
+def finetuned_dir(cfg: StudyConfig, run: str) -> Path:
+    """Where notebook 02 saves a run's adapter (`adapter/`) and merged model (`merged/`)."""
+    return cfg.artifacts_dir / "finetune" / run
+
+
+def save_finetuned(cfg: StudyConfig, run: str, tuned, tokenizer):
+    """Save a run's LoRA adapter and its merged model (what notebooks 03-05 load); return the merged model."""
+    out = finetuned_dir(cfg, run)
+    tuned.save_pretrained(out / "adapter")
+    merged = tuned.merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
+    merged.save_pretrained(out / "merged")
+    tokenizer.save_pretrained(out / "merged")
+    return merged
+
+
+def load_runs(cfg: StudyConfig) -> tuple[dict, object]:
+    """The base model and notebook 02's merged fine-tuned models, by run name, plus the tokenizer."""
+    lm, tokenizer = load_base(cfg)
+    models = {"base": lm}
+    for run in FINETUNE_RUNS[1:]:
+        path = finetuned_dir(cfg, run) / "merged"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is missing: run notebook 02 (fine-tuning) for preset "
+                                    f"{cfg.preset!r} first")
+        models[run] = model.load_model(path, device=cfg.device)[0]
+    return models, tokenizer
+
+
+def model_fingerprint(lm: torch.nn.Module) -> str:
+    """A hash of the model's weights and buffers (names, dtypes, shapes, bytes), kept on the model once computed."""
+    cached = getattr(lm, "_cfmoe_fingerprint", None)
+    if cached:
+        return cached
+    digest = hashlib.sha256()
+    for name, tensor in sorted(lm.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    lm._cfmoe_fingerprint = digest.hexdigest()[:16]
+    return lm._cfmoe_fingerprint
+
+
+def _settings_digest(settings: dict) -> str:
+    def default(value):
+        if isinstance(value, np.ndarray):
+            return hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
+        return str(value)
+    return json.dumps(settings, sort_keys=True, default=default)
+
+
+def trace_dir(cfg: StudyConfig, stage: str, run: str, lm: torch.nn.Module, settings: dict) -> Path:
+    """The folder of one model's traces for one stage and settings."""
+    key = hashlib.sha256(f"{model_fingerprint(lm)}|{routing.SCHEMA_VERSION}|{_settings_digest(settings)}".encode())
+    return cfg.artifacts_dir / "traces" / stage / f"{run}-{key.hexdigest()[:16]}"
+
+
+def cached_traces(cfg: StudyConfig, stage: str, run: str, lm: torch.nn.Module, settings: dict,
+                  compute: Callable[[], list[routing.RoutingTrace]], force: bool = False) -> list[routing.RoutingTrace]:
+    """`compute()`'s traces, recorded once per (model, settings) and read back from files afterwards.
+
+    The folder is written whole (a `.partial` sibling renamed into place), so a killed run leaves no half set."""
+    folder = trace_dir(cfg, stage, run, lm, settings)
+    index = folder / "index.json"
+    if not force and index.is_file():
+        n = json.loads(index.read_text())["traces"]
+        return [routing.RoutingTrace.load(folder / f"{i:05d}.npz") for i in range(n)]
+    traces = compute()
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for i, trace in enumerate(traces):
+        trace.save(partial / f"{i:05d}.npz")
+    write_json_atomic(partial / "index.json", {"traces": len(traces), "run": run, "stage": stage,
+                                                "model": model_fingerprint(lm), "settings": _settings_digest(settings)})
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return traces
+
+
+def test_evaluation(cfg: StudyConfig, stage: str, run: str, lm, tokenizer, block_size: int, max_tokens: int = 0,
+                    force: bool = False) -> dict:
+    """`evaluate.test_locality` of one model, its routing trace (and perplexity, in the trace's meta) recorded once."""
+    blocks = evaluate.test_blocks(tokenizer, block_size, max_tokens)
+    batch_size = cfg.eval.batch_size
+
+    def compute():
+        ppl, experts = evaluate.record_test(lm, blocks, batch_size)
+        tokens = blocks["input_ids"].reshape(-1)
+        return [routing.RoutingTrace(experts, None, np.zeros(len(tokens), np.uint8), tokens, moe.describe(lm).n_experts,
+                                     {"perplexity": ppl, "source": "teacher-forced WikiText-2 test blocks"})]
+
+    settings = {"kind": "test_locality", "input_ids": blocks["input_ids"], "batch_size": batch_size}
+    trace, = cached_traces(cfg, stage, run, lm, settings, compute, force)
+    return evaluate.locality(trace.meta["perplexity"], trace.experts, blocks)

@@ -1,0 +1,73 @@
+"""Routing traces recorded once per (model, settings) and read back: same traces, new key on any change."""
+
+import copy
+
+import numpy as np
+import torch
+
+from cfmoe import evaluate
+from cfmoe.config import load_config
+from cfmoe.routing import trace_forward
+from cfmoe.stages import runs
+from tiny_models import tiny_moe, tiny_tokenizer
+
+
+def test_cached_traces_are_recorded_once_and_keyed_by_weights_and_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFMOE_ARTIFACTS", str(tmp_path))
+    cfg = load_config("smoke")
+    lm = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    calls = []
+
+    def compute(model=lm):
+        calls.append(1)
+        return trace_forward(model, ids, record_probs=True)
+
+    settings = {"ids": ids.numpy()}
+    first = runs.cached_traces(cfg, "stage", "base", lm, settings, compute)
+    again = runs.cached_traces(cfg, "stage", "base", lm, settings, compute)
+    assert len(calls) == 1 and len(again) == 2
+    for a, b in zip(first, again):
+        assert np.array_equal(a.experts, b.experts) and np.array_equal(a.probs, b.probs)
+        assert np.array_equal(a.token_ids, b.token_ids) and a.meta == b.meta
+    runs.cached_traces(cfg, "stage", "base", lm, settings, compute, force=True)
+    assert len(calls) == 2  # force records again
+    runs.cached_traces(cfg, "stage", "base", lm, {"ids": ids.numpy()[:1]}, compute)
+    assert len(calls) == 3  # other inputs, other key
+    other = copy.deepcopy(lm)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    other._cfmoe_fingerprint = None
+    assert runs.model_fingerprint(other) != runs.model_fingerprint(lm)
+    runs.cached_traces(cfg, "stage", "base", other, settings, lambda: compute(other))
+    assert len(calls) == 4  # other weights, other key
+    folders = sorted(p.name for p in (tmp_path / "smoke" / "traces" / "stage").iterdir())
+    assert len(folders) == 3 and not any(name.endswith(".partial") for name in folders)
+
+
+def test_a_failed_recording_leaves_no_trace_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFMOE_ARTIFACTS", str(tmp_path))
+    cfg = load_config("smoke")
+    lm = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2)
+
+    def broken():
+        raise RuntimeError("killed")
+
+    try:
+        runs.cached_traces(cfg, "stage", "base", lm, {}, broken)
+    except RuntimeError:
+        pass
+    assert not (tmp_path / "smoke" / "traces" / "stage").exists() or \
+        not any((tmp_path / "smoke" / "traces" / "stage").iterdir())
+
+
+def test_cached_test_evaluation_equals_the_direct_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFMOE_ARTIFACTS", str(tmp_path))
+    cfg = load_config("smoke")
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2), tiny_tokenizer()
+    direct = evaluate.test_locality(lm, tok, 32, 512, cfg.eval.batch_size)
+    for _ in range(2):  # recorded, then read from the file
+        cached = runs.test_evaluation(cfg, "00_base_model", "base", lm, tok, 32, 512)
+        assert cached["test_ppl"] == direct["test_ppl"] and cached["tokens"] == direct["tokens"]
+        np.testing.assert_array_equal(cached["per_layer_ecr"], direct["per_layer_ecr"])
+        np.testing.assert_array_equal(cached["experts"], direct["experts"])
