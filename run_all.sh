@@ -6,8 +6,10 @@ cd "$(dirname "$0")"
 preset=cpu model="" force=False
 while [ $# -gt 0 ]; do
   case "$1" in
-    --preset) preset="$2"; shift 2 ;;
-    --model) model="$2"; shift 2 ;;
+    --preset|--model)
+      [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || {
+        echo "run_all.sh: $1 needs a value; e.g. $1 $([ "$1" = --preset ] && echo cpu || echo /path/to/checkpoint)" >&2; exit 2; }
+      if [ "$1" = --preset ]; then preset="$2"; else model="$2"; fi; shift 2 ;;
     --force) force=True; shift ;;
     -h|--help) sed -n 2,3p "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1'; valid: --preset NAME, --model PATH, --force" >&2; exit 2 ;;
@@ -20,6 +22,8 @@ case "$preset" in
   *) echo "run_all.sh: unknown preset '$preset'; valid presets are smoke, cpu, gpu or a .yaml file" >&2; exit 2 ;;
 esac
 source scripts/ensure_env.sh
+# the preset's ranges and names, and the model path, checked before any notebook runs (one line on error)
+python -m cfmoe.stages check --preset "$preset" ${model:+--model-path "$model"} > /dev/null
 
 tag="$(basename "$params" .yaml)${model:+-$(echo "$model" | tr '/ ' '__')}"
 executed="results/executed/$tag"

@@ -107,8 +107,8 @@ def simulate_cache(keys, policy: str, capacity: int, lookahead: int | None = Non
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
     window = -1  # no look-ahead: OPT
     if policy == "lopt":
-        if lookahead is None or lookahead < 0:
-            raise ValueError(f"lopt needs lookahead >= 0 (the authors' is 2*n_layers*k), got {lookahead!r}")
+        if isinstance(lookahead, bool) or not isinstance(lookahead, (int, np.integer)) or lookahead < 0:
+            raise ValueError(f"lopt needs an integer lookahead >= 0 (the authors' is 2*n_layers*k), got {lookahead!r}")
         window = int(lookahead)
     if isinstance(initial, CacheResult):
         init_keys, init_counts = initial.final_keys, initial.final_counts
@@ -179,7 +179,9 @@ def hit_rate_curve(keys, policy: str | list[str], capacities, **kwargs) -> pd.Da
     rows = []
     for name in [policy] if isinstance(policy, str) else policy:
         for capacity in capacities:
-            result = simulate_cache(keys, name, int(capacity), **kwargs)
+            if isinstance(capacity, (float, np.floating)) and float(capacity).is_integer():
+                capacity = int(capacity)  # a whole float from a grid; 2.7 is refused by simulate_cache
+            result = simulate_cache(keys, name, capacity, **kwargs)
             rows.append({"policy": name, "capacity": int(capacity), "hits": result.hits,
                          "accesses": result.accesses, "hit_rate": result.hit_rate})
     return pd.DataFrame(rows, columns=["policy", "capacity", "hits", "accesses", "hit_rate"])

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,9 @@ from . import claims
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = ROOT / "params"
 PRESETS = ("smoke", "cpu", "gpu")
+# results folder -> the staging folder a stage is writing it through (set by cfmoe.stages.runs.one_result_set)
+STAGING: contextvars.ContextVar[dict] = contextvars.ContextVar("cfmoe_results_staging", default={})
+MAX_LEARNING_RATE = 1.0  # above this a run diverges; a typo such as 1e8 is refused
 
 
 @dataclass(frozen=True)
@@ -163,8 +168,10 @@ class StudyConfig:
         return Path(os.environ.get("CFMOE_ARTIFACTS", ROOT / "artifacts")) / self.preset
 
     def results_dir(self, notebook: str) -> Path:
-        """results/<notebook>/ for the default cpu preset, results/<notebook>/<preset>/ otherwise."""
-        return results_root() / results_subdir(notebook, self.preset)
+        """results/<notebook>/ for the default cpu preset, results/<notebook>/<preset>/ otherwise (or, while a
+        stage writes its set, that folder's staging copy: see `cfmoe.stages.runs.one_result_set`)."""
+        folder = results_root() / results_subdir(notebook, self.preset)
+        return STAGING.get().get(folder, folder)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,15 +228,129 @@ def preset_path(preset: str) -> Path:
     path = Path(preset)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
+    if path.suffix in (".yaml", ".yml"):
+        raise ValueError(f"preset file {preset!r} does not exist")
     raise ValueError(f"unknown preset {preset!r}; valid presets are {list(PRESETS)} or a path to a .yaml file")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ValueError(f"{path.name}: not valid YAML{line} ({getattr(e, 'problem', None) or type(e).__name__})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__})") from None
+    if values is None:
+        raise ValueError(f"{path.name} is empty; copy params/cpu.yaml and edit it")
+    if not isinstance(values, dict):
+        raise ValueError(f"{path.name}: expected a mapping of settings, got {type(values).__name__}")
+    return values
 
 
 def load_config(preset: str = "smoke", **overrides) -> StudyConfig:
     """Load a preset and apply notebook parameters (`seed=`, `model_path=`, ...), validating all."""
     path = preset_path(preset)
-    values = yaml.safe_load(path.read_text()) or {}
+    values = _read_yaml(path)
+    builtin = path.resolve().parent == PARAMS_DIR.resolve() and path.stem in PRESETS
+    if not builtin:  # a user's preset: its own results and artifacts folders, named after it
+        values.setdefault("preset", path.stem)
+        if values["preset"] in PRESETS:
+            raise ValueError(f"{path.name}: preset {values['preset']!r} is a built-in preset, whose committed results this "
+                             f"file would overwrite; set preset: {path.stem} (any name but {', '.join(PRESETS)})")
     values = {**values, **{k: v for k, v in overrides.items() if v is not None}}
+    if "preset" not in values:
+        raise ValueError(f"{path.name}: missing key 'preset' (the name of the results folder)")
     cfg = _check(StudyConfig, values, path.name)
-    if cfg.device not in ("cpu", "cuda"):
-        raise ValueError(f"{path.name}.device: {cfg.device!r} is not valid; use 'cpu' or 'cuda'")
+    validate(cfg, path.name)
     return cfg
+
+
+def _fail(where: str, name: str, value, valid: str):
+    raise ValueError(f"{where}.{name}: {value!r} is not valid; {valid}")
+
+
+def validate(cfg: StudyConfig, where: str = "config") -> None:
+    """Ranges and names, checked before anything runs; one line naming the value and what is valid."""
+    from . import cache, locality, serving, serving_sim  # heavy; imported when a config is checked
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.preset):
+        _fail(where, "preset", cfg.preset, "use letters, digits, '_', '-' or '.' (it names folders)")
+    if cfg.device not in ("cpu", "cuda"):
+        _fail(where, "device", cfg.device, "use 'cpu' or 'cuda'")
+    positive = {"threads": cfg.threads, "model.vocab_size": cfg.model.vocab_size, "model.hidden_size": cfg.model.hidden_size,
+                "model.num_layers": cfg.model.num_layers, "model.num_heads": cfg.model.num_heads,
+                "model.n_experts": cfg.model.n_experts, "model.top_k": cfg.model.top_k,
+                "model.expert_width": cfg.model.expert_width, "model.max_positions": cfg.model.max_positions,
+                "pretrain.block_size": cfg.pretrain.block_size, "pretrain.batch_size": cfg.pretrain.batch_size,
+                "pretrain.max_steps": cfg.pretrain.max_steps, "pretrain.eval_every": cfg.pretrain.eval_every,
+                "eval.batch_size": cfg.eval.batch_size, "finetune.steps": cfg.finetune.steps,
+                "finetune.batch_size": cfg.finetune.batch_size, "finetune.block_size": cfg.finetune.block_size,
+                "router_design.steps": cfg.router_design.steps, "cache.capacity_points": cfg.cache.capacity_points,
+                "cache.serving_points": cfg.cache.serving_points, "cache.decode_tokens": cfg.cache.decode_tokens,
+                "ecr.entries": cfg.ecr.entries, "ecr.max_new_tokens": cfg.ecr.max_new_tokens,
+                "ecr.batch_size": cfg.ecr.batch_size, "serving.requests": cfg.serving.requests,
+                "serving.new_tokens": cfg.serving.new_tokens}
+    for name, value in positive.items():
+        if value < 1:
+            _fail(where, name, value, "it must be >= 1")
+    at_least_zero = {"seed": cfg.seed, "model.dense_layers": cfg.model.dense_layers, "pretrain.warmup_steps":
+                     cfg.pretrain.warmup_steps, "pretrain.early_stopping_patience": cfg.pretrain.early_stopping_patience,
+                     "pretrain.max_documents": cfg.pretrain.max_documents, "finetune.warmup_steps": cfg.finetune.warmup_steps,
+                     "finetune.lora_rank": cfg.finetune.lora_rank, "finetune.eval_tokens": cfg.finetune.eval_tokens,
+                     "eval.max_test_tokens": cfg.eval.max_test_tokens, "cache.requests": cfg.cache.requests,
+                     "pretrain.weight_decay": cfg.pretrain.weight_decay, "pretrain.aux_loss_coef": cfg.pretrain.aux_loss_coef,
+                     "pretrain.time_limit_minutes": cfg.pretrain.time_limit_minutes,
+                     "finetune.aux_loss_coef": cfg.finetune.aux_loss_coef, "finetune.locality_weight": cfg.finetune.locality_weight,
+                     "router_design.max_ppl_increase": cfg.router_design.max_ppl_increase,
+                     "serving.throttle_gbps": cfg.serving.throttle_gbps}
+    for name, value in at_least_zero.items():
+        if value < 0:
+            _fail(where, name, value, "it must be >= 0")
+    for name, value in {"pretrain.learning_rate": cfg.pretrain.learning_rate,
+                        "finetune.learning_rate": cfg.finetune.learning_rate}.items():
+        if not 0 < value <= MAX_LEARNING_RATE:
+            _fail(where, name, value, f"a learning rate must lie in (0, {MAX_LEARNING_RATE:g}]")
+    m = cfg.model
+    if m.top_k > m.n_experts:
+        _fail(where, "model.top_k", m.top_k, f"it must be <= model.n_experts ({m.n_experts})")
+    if m.dense_layers >= m.num_layers:
+        _fail(where, "model.dense_layers", m.dense_layers, f"it must be < model.num_layers ({m.num_layers}): "
+                                                            "at least one MoE layer")
+    if m.hidden_size % m.num_heads:
+        _fail(where, "model.hidden_size", m.hidden_size, f"it must be a multiple of model.num_heads ({m.num_heads})")
+    if cfg.finetune.block_size > m.max_positions or cfg.pretrain.block_size > m.max_positions:
+        _fail(where, "block_size", max(cfg.finetune.block_size, cfg.pretrain.block_size),
+              f"blocks must fit model.max_positions ({m.max_positions})")
+    if cfg.pretrain.precision not in ("fp32", "bf16"):
+        _fail(where, "pretrain.precision", cfg.pretrain.precision, "use 'fp32' or 'bf16'")
+    for name, value in {"pretrain.heldout_fraction": cfg.pretrain.heldout_fraction,
+                        "finetune.daft_quantile": cfg.finetune.daft_quantile, "ecr.top_p": cfg.ecr.top_p}.items():
+        if not 0 < value <= 1:
+            _fail(where, name, value, "it must lie in (0, 1]")
+    if cfg.ecr.temperature <= 0 or cfg.ecr.repetition_penalty <= 0:
+        _fail(where, "ecr", (cfg.ecr.temperature, cfg.ecr.repetition_penalty),
+              "temperature and repetition_penalty must be > 0")
+    for name, shares in {"cache.cached_shares": cfg.cache.cached_shares, "serving.shares": cfg.serving.shares}.items():
+        if not shares or any(not 0 < share <= 1 for share in shares):
+            _fail(where, name, list(shares), "shares must be a non-empty list of numbers in (0, 1]")
+    if cfg.cache.bits_per_param <= 0 or cfg.cache.bits_per_param > 64:
+        _fail(where, "cache.bits_per_param", cfg.cache.bits_per_param, "use e.g. 16, 8 or 4.5, in (0, 64]")
+    if any(b < 1 for b in cfg.cache.batch_sizes) or not cfg.cache.batch_sizes:
+        _fail(where, "cache.batch_sizes", list(cfg.cache.batch_sizes), "a non-empty list of widths >= 1")
+    names = {"finetune.locality_kind": ((cfg.finetune.locality_kind,), locality.LOSS_KINDS),
+             "router_design.kinds": (cfg.router_design.kinds, locality.LOSS_KINDS),
+             "cache.policies": (cfg.cache.policies, cache.POLICIES),
+             "cache.serving_policies": (cfg.cache.serving_policies, cache.POLICIES),
+             "serving.runs": (cfg.serving.runs, ("base", "lora_control", "cfmoe", "cfmoe_daft")),
+             "serving.policies": (cfg.serving.policies, serving.POLICIES),
+             "serving.modes": (cfg.serving.modes, serving_sim.MODES),
+             "serving.tiers": (cfg.serving.tiers, serving.TIERS),
+             "serving.full_tier": ((cfg.serving.full_tier,), cfg.serving.tiers)}
+    for name, (given, valid) in names.items():
+        unknown = [value for value in given if value not in valid]
+        if unknown or not given:
+            _fail(where, name, unknown[0] if unknown else list(given), f"valid: {', '.join(valid)}")
+    if any(w < 0 for w in cfg.router_design.weights) or not cfg.router_design.weights:
+        _fail(where, "router_design.weights", list(cfg.router_design.weights), "a non-empty list of weights >= 0")

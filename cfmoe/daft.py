@@ -49,11 +49,24 @@ def select_daft_layers(profile: pd.DataFrame, threshold: float | None = None,
     return sorted(int(x) for x in profile.layer[profile.ecr < threshold])
 
 
+def check_layers(layers: list[int] | None, n_layers: int) -> None:
+    """Reject MoE layer indices outside 0..n_layers-1 (no negative indexing) and repeated ones; None means all."""
+    if layers is None:
+        return
+    bad = [i for i in layers if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {n_layers} MoE layers (0-{n_layers - 1})")
+    repeated = sorted({i for i in layers if list(layers).count(i) > 1})
+    if repeated:
+        raise ValueError(f"layers {list(layers)} repeat layer(s) {repeated}; give each MoE layer once")
+
+
 def lora_targets(model, layers: list[int] | None = None) -> dict[str, list[str]]:
     """peft target names for MoE `layers` (None = all): attention projections, fused experts, the router."""
     info = moe.describe(model)
     base = moe.unwrap(model)
     names = {id(module): name for name, module in base.named_modules()}
+    check_layers(layers, len(info.layers))
     chosen = info.layers if layers is None else [info.layers[i] for i in layers]
     modules, parameters, routers = [], [], []
     for layer in chosen:

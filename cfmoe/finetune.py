@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import data
+from .cli import user_errors
 from .config import FinetuneConfig
 from .locality import LOSS_KINDS, LocalityLoss, consecutive_pair_mask
 from .training import MoETrainer
@@ -69,21 +70,50 @@ def _peak_memory_mb(device: str) -> float:
     return float("nan")
 
 
+# the files of a complete Trainer checkpoint, each under any of its names; trainer_state.json is written last
+CHECKPOINT_FILES = (("trainer_state.json",), ("optimizer.pt", "optimizer.bin"), ("scheduler.pt",),
+                    ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin",
+                     "model.safetensors.index.json", "pytorch_model.bin.index.json"))
+
+
+def last_complete_checkpoint(folder) -> str | None:
+    """The newest `checkpoint-N` in `folder` that holds every file of CHECKPOINT_FILES, or None.
+
+    Prints one line: the checkpoint it resumes from and any newer, incomplete ones it skips (a save that was
+    killed), or that it starts from scratch.
+    """
+    steps = {int(m[1]): name for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(folder, name))}
+    skipped, last = [], None
+    for step in sorted(steps, reverse=True):
+        missing = [names[0] for names in CHECKPOINT_FILES
+                   if not any(os.path.isfile(os.path.join(folder, steps[step], n)) for n in names)]
+        if not missing:
+            last = os.path.join(folder, steps[step])
+            break
+        skipped.append(f"{steps[step]} (no {', '.join(missing)})")
+    skip = f"skipping incomplete checkpoint{'s' * (len(skipped) > 1)} {', '.join(skipped)}; " if skipped else ""
+    print(f"{skip}resuming from {last}" if last else f"{skip}no complete checkpoint in {folder}; starting from scratch")
+    return last
+
+
 def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: int, seed: int = 0,
              device: str = "cpu", layers: list[int] | None = None, output_dir: str | None = None,
              save_every: int = 0, resume: bool = False) -> FinetuneResult:
     """Fine-tune `lm` for `ft.steps` steps (LoRA on MoE `layers`, all when None); weight 0 is the control.
 
     With `output_dir` and `save_every`, checkpoints go to `output_dir` and `resume=True` continues from the
-    last one. A non-finite loss stops training with a FloatingPointError naming the step; the checkpoints
-    written before it are kept.
+    newest complete one (`last_complete_checkpoint`). A non-finite loss stops training with a FloatingPointError
+    naming the step; the checkpoints written before it are kept. Bad `layers` raise a ValueError.
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown locality loss kind {kind!r}; valid kinds: {', '.join(LOSS_KINDS)}")
     if weight < 0:
         raise ValueError(f"locality weight must be >= 0, got {weight}")
-    from .daft import lora_model, trainable_parameters
+    from .daft import check_layers, lora_model, trainable_parameters
+    from .moe import describe
 
+    check_layers(layers, len(describe(lm).layers))
     torch.manual_seed(seed)  # LoRA's initialisation
     lm = lora_model(lm, layers, ft.lora_rank) if ft.lora_rank else lm
     _reset_peak_memory(device)
@@ -100,13 +130,14 @@ def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: in
         trainer = MoETrainer(model=lm, args=args, train_dataset=blocks, aux_loss_coef=ft.aux_loss_coef,
                              top_k=top_k, extra_losses=extra)
         started = time.perf_counter()
-        last = get_last_checkpoint(output_dir) if resume and output_dir and os.path.isdir(output_dir) else None
+        last = last_complete_checkpoint(output_dir) if resume and output_dir else None
         trainer.train(resume_from_checkpoint=last)
         seconds = time.perf_counter() - started
     lm.eval()
     return FinetuneResult(lm, trainer.state.log_history, seconds, trainable_parameters(lm), _peak_memory_mb(device))
 
 
+@user_errors("python -m cfmoe.finetune")
 def main(argv=None) -> None:
     """Fine-tune any MoE checkpoint on WikiText-2 validation; runs as is under `torchrun`/`accelerate launch`."""
     import argparse
@@ -122,23 +153,29 @@ def main(argv=None) -> None:
     parser.add_argument("--kind", default="js", choices=LOSS_KINDS)
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--layers", default="", help="comma-separated MoE layers to fine-tune (default: all)")
-    parser.add_argument("--steps", type=int, default=0, help="override the preset's finetune.steps")
-    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--steps", type=int, help="override the preset's finetune.steps (>= 1)")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+
+    for name, value, low in (("--steps", args.steps, 1), ("--weight", args.weight, 0),
+                             ("--save-every", args.save_every, 0)):
+        if value is not None and not value >= low:  # `not >=` also rejects a NaN weight
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
     cfg = load_config(args.preset)
     ft = dataclasses.replace(cfg.finetune, steps=args.steps or cfg.finetune.steps)
     make_deterministic(cfg.seed, cfg.threads)
     lm, tokenizer = model_lib.load_model(args.model, device=cfg.device)
+    from .daft import check_layers
     from .moe import describe
 
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    checkpoints = f"{args.out}/checkpoints"
-    last = get_last_checkpoint(checkpoints) if args.resume and os.path.isdir(checkpoints) else None
-    if last:
-        print(f"resuming from {last}")
+    check_layers(layers, len(describe(lm).layers))
     result = finetune(lm, finetune_blocks(tokenizer, ft.block_size), ft, args.kind, args.weight,
-                      describe(lm).top_k, cfg.seed, cfg.device, layers, checkpoints,
+                      describe(lm).top_k, cfg.seed, cfg.device, layers, f"{args.out}/checkpoints",
                       args.save_every, args.resume)
     distributed = torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:

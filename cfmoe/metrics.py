@@ -39,17 +39,24 @@ def _scan(experts, n_experts, with_distances):
     return distance, overlap[1:], duplicate
 
 
-def _scan_trace(experts, with_distances: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Validate `experts`; return (reuse distances (T, L, k) if asked, else empty; consecutive-pair overlaps (T-1, L))."""
+def _scan_trace(experts, with_distances: bool = False, n_experts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate `experts` (ids in 0..n_experts-1 when given); return (reuse distances (T, L, k) if asked, else empty;
+    consecutive-pair overlaps (T-1, L))."""
     experts = np.asarray(experts)
     if experts.ndim != 3 or 0 in experts.shape:
         raise ValueError(f"experts must have shape (n_tokens, n_layers, k) with no empty axis, got {experts.shape}")
     if not np.issubdtype(experts.dtype, np.integer):
         raise ValueError(f"experts must hold integer expert ids, got dtype {experts.dtype}")
-    experts = np.ascontiguousarray(experts, dtype=np.int64)
-    if experts.min() < 0:
-        raise ValueError(f"experts holds expert {experts.min()}; expert ids must be >= 0")
-    distance, overlap, duplicate = _scan(experts, int(experts.max()) + 1, with_distances)
+    ids = np.ascontiguousarray(experts, dtype=np.int64)
+    if ids.min() < 0:
+        raise ValueError(f"experts holds expert {ids.min()}; expert ids must be >= 0")
+    if n_experts is not None:
+        _check_range(ids, n_experts)
+    top = int(ids.max())
+    if top >= ids.shape[0] * ids.shape[2]:  # sparse ids: the kernel's (n_layers, max id + 1) table would outgrow the
+        ids = np.unique(ids, return_inverse=True)[1].reshape(ids.shape)  # trace; dense ids give the same sets
+        top = int(ids.max())
+    distance, overlap, duplicate = _scan(ids, top + 1, with_distances)
     if duplicate >= 0:
         t, layer, j = np.unravel_index(duplicate, experts.shape)
         raise ValueError(f"experts[{t}, {layer}] selects expert {experts[t, layer, j]} twice; "
@@ -58,7 +65,7 @@ def _scan_trace(experts, with_distances: bool = False) -> tuple[np.ndarray, np.n
 
 
 def _check_range(experts: np.ndarray, n_experts: int) -> None:
-    """Reject expert ids >= n_experts (`_scan_trace` already rejected negative ones)."""
+    """Reject expert ids >= n_experts (`_scan_trace` rejects negative ones before calling it)."""
     if int(n_experts) < 1:
         raise ValueError(f"n_experts must be >= 1, got {n_experts}")
     top = int(np.max(experts))
@@ -135,9 +142,8 @@ def reuse_distance_histogram(experts, max_distance: int | None = None) -> np.nda
 
 def expert_load(experts, n_experts: int) -> np.ndarray:
     """(n_layers, n_experts) fraction of tokens routed to each expert; each row sums to k."""
-    _scan_trace(experts)  # rejects bad shapes, negative ids and repeated experts
+    _scan_trace(experts, n_experts=n_experts)  # rejects bad shapes, ids outside 0..n_experts-1 and repeated experts
     experts = np.asarray(experts)
-    _check_range(experts, n_experts)
     n_tokens, n_layers, _ = experts.shape
     keys = experts + np.arange(n_layers)[:, None] * n_experts
     return np.bincount(keys.ravel(), minlength=n_layers * n_experts).reshape(n_layers, n_experts) / n_tokens

@@ -177,32 +177,55 @@ def build_or_load(cfg: StudyConfig, force: bool = False):
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load any transformers MoE causal LM (a local directory or a hub id) and its tokenizer.
 
-    Raises a one-line ValueError when the path does not exist, is not a causal LM, or has no MoE layer.
+    Raises a one-line ValueError (`check_model_path`) when the path does not exist, is a file, is not a causal
+    LM, has no MoE layer or no usable tokenizer, before any weight is loaded.
     """
+    name = str(path)
+    tokenizer = check_model_path(name)
+    lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto").to(device).eval()
+    return lm, tokenizer
+
+
+def check_model_path(name: str):
+    """Check, without loading weights, that `name` is a directory (or hub id) of an MoE causal LM with a
+    usable tokenizer; returns the tokenizer. One-line ValueErrors otherwise."""
     from . import moe
 
-    name = str(path)
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().is_dir():
+    name = str(name)
+    local = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or local.exists() or name.count("/") > 1
+    supported = ", ".join(moe.SUPPORTED_ARCHITECTURES)
+    if looks_local and local.is_file():
+        raise ValueError(f"model_path {name!r} is a file; pass the directory a model was saved to with save_pretrained")
+    if looks_local and not local.is_dir():
         raise ValueError(f"model_path {name!r} does not exist; pass a directory saved with save_pretrained "
-                         f"or a hub id of one of {', '.join(moe.SUPPORTED_ARCHITECTURES)}")
+                         f"or a hub id of one of {supported}")
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise ValueError(f"model_path {name!r} is not a transformers model ({str(err).splitlines()[0]})") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise ValueError(f"model_path {name!r} is a {config.model_type!r} model, not a causal LM; supported MoE "
-                         f"architectures: {', '.join(moe.SUPPORTED_ARCHITECTURES)}")
-    lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto").to(device).eval()
+                         f"architectures: {supported}")
+    with torch.device("meta"):  # the layer structure without the weights: a dense model is refused before loading
+        skeleton = AutoModelForCausalLM.from_config(config)
     try:
-        moe.describe(lm)
+        moe.describe(skeleton)
     except ValueError:
         raise ValueError(f"model_path {name!r} ({config.model_type}) has no MoE layer; supported architectures: "
-                         f"{', '.join(moe.SUPPORTED_ARCHITECTURES)}") from None
-    tokenizer = AutoTokenizer.from_pretrained(name)
+                         f"{supported}") from None
+    del skeleton
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"model_path {name!r} has no usable tokenizer ({str(err).splitlines()[0]}); save one "
+                         "next to the model with tokenizer.save_pretrained") from None
+    if not tokenizer("hello world")["input_ids"]:
+        raise ValueError(f"model_path {name!r} has no usable tokenizer (it encodes 'hello world' to no tokens); "
+                         "save one next to the model with tokenizer.save_pretrained")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return lm, tokenizer
+    return tokenizer
 
 
 def build_info(path: str | Path) -> dict:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -20,19 +21,51 @@ from typing import Any, Iterator
 _PACKAGES = ("cfmoe", "torch", "transformers", "tokenizers", "datasets", "peft", "numpy", "pandas", "numba")
 
 
+TMP_SUFFIX = ".tmp"  # temporary files and folders end with it (git-ignored; swept by `staged_folder`)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; move it into place only if the block succeeds."""
+    """Yield a temporary path next to `path`; move it into place, with ordinary permissions, only if the
+    block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block succeeds, move every file written there into `folder`
+    (replacing files of the same name), else drop it: a failed or killed writer leaves `folder` as it was.
+
+    Leftovers of an earlier killed writer (staging folders, temporary files) are removed first."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.parent.glob(f".{folder.name}.*{TMP_SUFFIX}"), *folder.glob(f".*{TMP_SUFFIX}")]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TMP_SUFFIX, dir=folder.parent))
+    try:
+        yield staging
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            target = folder / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

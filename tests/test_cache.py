@@ -184,7 +184,7 @@ def test_opt_is_never_beaten(keys, capacity, lookahead, data):
     ({"scope": "layer"}, "unknown scope 'layer'; valid: global, per_layer"),
     ({"keys": np.array([1.0, 2.0])}, "keys must be a 1-D integer array, got float64 of shape (2,)"),
     ({"keys": np.zeros((2, 2), np.int64)}, "keys must be a 1-D integer array, got int64 of shape (2, 2)"),
-    ({"policy": "lopt"}, "lopt needs lookahead >= 0"),
+    ({"policy": "lopt"}, "lopt needs an integer lookahead >= 0"),
     ({"scope": "per_layer"}, "needs the layer of each access: pass n_experts or layers"),
     ({"initial": [1, 2, 3]}, "initial holds 3 keys, more than capacity 2"),
     ({"initial": [1, 1]}, "initial keys must be distinct, got [1, 1]"),

@@ -55,3 +55,13 @@ def test_profile_is_per_layer_ecr_with_document_boundaries_masked(tmp_path):
 def test_no_layer_selected_is_an_error():
     with pytest.raises(ValueError, match="no MoE layer selected"):
         daft.lora_model(tiny_moe("mixtral"), [], rank=4)
+
+
+@pytest.mark.parametrize("layers, match", [
+    ([-1], r"^layers \[-1\] out of range: the model has 2 MoE layers \(0-1\)$"),
+    ([0, 5], r"^layers \[5\] out of range: the model has 2 MoE layers \(0-1\)$"),
+    ([1, 1], r"^layers \[1, 1\] repeat layer\(s\) \[1\]; give each MoE layer once$"),
+])
+def test_bad_layers_are_one_line_errors(layers, match):
+    with pytest.raises(ValueError, match=match):
+        daft.lora_model(tiny_moe("qwen2_moe", n_layers=2), layers, rank=4)

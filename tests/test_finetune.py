@@ -65,6 +65,9 @@ def test_finetune_changes_routing_and_rejects_bad_input():
         finetune.finetune(lm, blocks, ft, kind="kl", weight=1.0, top_k=2)
     with pytest.raises(ValueError, match="locality weight must be >= 0"):
         finetune.finetune(lm, blocks, ft, kind="js", weight=-1.0, top_k=2)
+    for layers in ([5], [-1]):
+        with pytest.raises(ValueError, match=rf"^layers \[{layers[0]}\] out of range: the model has 2 MoE layers \(0-1\)"):
+            finetune.finetune(tiny_moe("qwen2_moe"), blocks, ft, kind="js", weight=1.0, top_k=2, layers=layers)
 
 
 def test_never_finetunes_on_the_test_split():
@@ -130,3 +133,88 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: lm_loss=[0-9.]+, probe=nan"):
         trainer.train()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def _tiny_blocks():
+    ids = np.random.default_rng(0).integers(3, 128, size=(8, 16))
+    return datasets.Dataset.from_dict({"input_ids": ids, "document_ids": np.zeros_like(ids),
+                                       "labels": ids}).with_format("torch")
+
+
+def _lora_weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_resume_skips_a_half_written_checkpoint(tmp_path, capsys):
+    ft = FinetuneConfig(steps=3, batch_size=4, warmup_steps=0, learning_rate=1e-2, lora_rank=4)
+
+    def run(resume):
+        return finetune.finetune(tiny_moe("qwen2_moe"), _tiny_blocks(), ft, kind="js", weight=1.0, top_k=2,
+                                 output_dir=str(tmp_path), save_every=1, resume=resume).model
+
+    uninterrupted = _lora_weights(run(resume=False))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    (tmp_path / "checkpoint-3" / "trainer_state.json").unlink()  # killed while saving its last file
+    capsys.readouterr()
+    resumed = _lora_weights(run(resume=True))
+    assert (f"skipping incomplete checkpoint checkpoint-3 (no trainer_state.json); resuming from "
+            f"{tmp_path / 'checkpoint-2'}\n") in capsys.readouterr().out
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)  # bit-identical to no kill
+    for step in (1, 2, 3):
+        (tmp_path / f"checkpoint-{step}" / "optimizer.pt").unlink()
+    assert finetune.last_complete_checkpoint(str(tmp_path)) is None
+    assert capsys.readouterr().out == (
+        "skipping incomplete checkpoints checkpoint-3 (no optimizer.pt), checkpoint-2 (no optimizer.pt), "
+        f"checkpoint-1 (no optimizer.pt); no complete checkpoint in {tmp_path}; starting from scratch\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--steps", "-1"], "--steps must be >= 1, got -1"),
+    (["--weight", "-0.5"], "--weight must be >= 0, got -0.5"),
+    (["--save-every", "-2"], "--save-every must be >= 0, got -2"),
+    (["--layers", "0,x"], "--layers must be comma-separated integers, got '0,x'"),
+    (["--layers", "5"], "layers [5] out of range: the model has 2 MoE layers (0-1)"),
+    (["--layers", "-1"], "layers [-1] out of range: the model has 2 MoE layers (0-1)"),
+    (["--layers", "1,1"], "layers [1, 1] repeat layer(s) [1]; give each MoE layer once"),
+])
+def test_cli_rejects_bad_arguments_in_one_line(args, message, tmp_path, monkeypatch, capsys):
+    from tiny_models import tiny_tokenizer
+
+    from cfmoe import determinism, model
+
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: (tiny_moe("qwen2_moe"), tiny_tokenizer()))
+    monkeypatch.setattr(determinism, "make_deterministic", lambda *a: None)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["tiny", str(tmp_path), "--preset", "smoke", *args])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"python -m cfmoe.finetune: error: {message}\n"
+
+
+def test_save_finetuned_replaces_the_folder_whole(tmp_path, monkeypatch):
+    from tiny_models import tiny_tokenizer
+
+    from cfmoe import daft
+    from cfmoe.config import load_config
+    from cfmoe.stages import runs
+
+    monkeypatch.setenv("CFMOE_ARTIFACTS", str(tmp_path))
+    cfg = load_config("smoke")
+    tokenizer = tiny_tokenizer()
+    tuned = daft.lora_model(tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2), None, rank=4)
+    merged = runs.save_finetuned(cfg, "cfmoe", tuned, tokenizer)
+    out = runs.finetuned_dir(cfg, "cfmoe")
+    assert isinstance(merged, torch.nn.Module) and not hasattr(merged, "merge_and_unload")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "merged"]
+    assert [p.name for p in out.parent.iterdir()] == ["cfmoe"]  # no .partial left behind
+    saved = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert any(p.name == "config.json" for p in saved) and any(p.name == "adapter_config.json" for p in saved)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", killed)
+    tuned = daft.lora_model(tiny_moe("qwen2_moe", seed=1), None, rank=4)
+    with pytest.raises(KeyboardInterrupt):
+        runs.save_finetuned(cfg, "cfmoe", tuned, tokenizer)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == saved  # intact

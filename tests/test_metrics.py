@@ -269,3 +269,18 @@ def test_bad_arguments():
         metrics.iid_ecr(9, 8)
     with pytest.raises(ValueError, match="capacities must be a 1-D array of integers >= 0"):
         metrics.iid_lru_hit_curve(2, 8, [4, -1])
+
+
+def test_sparse_expert_ids_cost_memory_by_distinct_ids_not_by_size(monkeypatch):
+    experts = random_trace(n_tokens=50, n_layers=2, k=2, n_experts=8)
+    sparse = np.where(experts == 7, 200_000_000, experts)  # one huge id: a (2, 2e8) table would take 3.2 GB
+    tables = []
+    scan = metrics._scan
+    monkeypatch.setattr(metrics, "_scan", lambda ids, n, *rest: tables.append(n) or scan(ids, n, *rest))
+    assert metrics.expert_consistency_rate(sparse) == metrics.expert_consistency_rate(experts)
+    np.testing.assert_array_equal(metrics.reuse_distances(sparse), metrics.reuse_distances(experts))
+    assert max(tables) <= 8
+    with pytest.raises(ValueError, match=r"^experts holds expert 200000000, out of range for n_experts=8 \(valid: 0..7\)"):
+        metrics.expert_load(sparse, 8)
+    with pytest.raises(ValueError, match=r"^experts holds expert -1; expert ids must be >= 0$"):
+        metrics.expert_load(np.where(experts == 7, -1, experts), 8)

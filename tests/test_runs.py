@@ -1,8 +1,15 @@
 """Routing traces recorded once per (model, settings) and read back: same traces, new key on any change."""
 
 import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from cfmoe import evaluate
@@ -10,6 +17,8 @@ from cfmoe.config import load_config
 from cfmoe.routing import trace_forward
 from cfmoe.stages import runs
 from tiny_models import tiny_moe, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cached_traces_are_recorded_once_and_keyed_by_weights_and_settings(tmp_path, monkeypatch):
@@ -71,3 +80,37 @@ def test_cached_test_evaluation_equals_the_direct_one(tmp_path, monkeypatch):
         assert cached["test_ppl"] == direct["test_ppl"] and cached["tokens"] == direct["tokens"]
         np.testing.assert_array_equal(cached["per_layer_ecr"], direct["per_layer_ecr"])
         np.testing.assert_array_equal(cached["experts"], direct["experts"])
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_killed_stage_leaves_its_results_folder_as_it_was(tmp_path):
+    """Run notebook 00's stage (smoke), then kill a forced re-run as soon as it has written part of its new
+    set: the results folder is byte-identical to before, and the next writer sweeps the leftovers."""
+    from cfmoe.provenance import staged_folder
+
+    env = {**os.environ, "CFMOE_RESULTS": str(tmp_path / "results"), "CFMOE_ARTIFACTS": str(tmp_path / "artifacts"),
+           "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "cfmoe.stages", "base_model", "--preset", "smoke"]
+    subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True)
+    folder = tmp_path / "results" / "00_base_model" / "smoke"
+    before = _snapshot(folder)
+    assert {"base_model.csv", "expert_load.png"} <= {p.name for p in before}
+    process = subprocess.Popen(command + ["--force"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        staged = [p for p in folder.parent.glob(".smoke.*.tmp") if any(p.rglob("*.csv"))]
+        if staged:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    process.wait()
+    assert staged and process.returncode == -signal.SIGKILL, "the stage finished before it could be killed"
+    assert _snapshot(folder) == before
+    with staged_folder(folder):
+        pass
+    assert not list(folder.parent.glob(".smoke.*.tmp")), "the next writer sweeps a killed writer's leftovers"

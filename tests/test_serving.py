@@ -141,3 +141,73 @@ def test_engine_warm_seeds_are_the_simulators(capacity, scope, tmp_path):
               for layer, expert in bucket]
     assert engine.counters.seeded == len(expected) > 0
     assert seeded == expected.tolist()
+
+
+def refuses(call, pattern: str) -> None:
+    """`call()` raises a one-line ValueError matching `pattern`."""
+    with pytest.raises(ValueError, match=pattern) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+def test_a_corrupt_expert_is_refused_and_a_clean_store_serves_identically(tmp_path):
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2), tiny_tokenizer()
+    ids, mask = encode(tok)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        expected = lm.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    path = write_store(lm, tmp_path / "s.safetensors")
+    out, stats = OffloadEngine(copy.deepcopy(lm), path, 2, mode="unified", tier="page_cache", write=False).generate(
+        ids, mask, **kwargs)
+    assert torch.equal(out, expected) and stats["decode_misses"] > 0
+    begin, end = ExpertStore(path).spans[(1, 3)]
+    data = bytearray(path.read_bytes())
+    data[(begin + end) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    corrupt = "is corrupt: layer 1 expert 3 fails its checksum"
+    refuses(lambda: ExpertStore(path, "page_cache"), corrupt)
+    refuses(lambda: OffloadEngine(copy.deepcopy(lm), path, 2, mode="unified", write=False), corrupt)
+    assert ExpertStore(path, "page_cache", verify=False).read(1, 2)  # unchecked on request
+
+
+def test_stores_from_another_model_or_format_get_one_line_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    lm = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2)
+    other = write_store(tiny_moe("qwen2_moe", seed=1, n_experts=8, top_k=2, n_layers=2), tmp_path / "other.safetensors")
+    refuses(lambda: OffloadEngine(copy.deepcopy(lm), other, 4, write=False), "other.safetensors was written from "
+            "another model: rewrite it with write=True")
+    OffloadEngine(copy.deepcopy(lm), other, 4, write=True)  # rewritten from this model
+    fewer = write_store(tiny_moe("qwen2_moe", n_experts=4, top_k=2, n_layers=2), tmp_path / "fewer.safetensors")
+    refuses(lambda: OffloadEngine(copy.deepcopy(lm), fewer, 4, write=False),
+            "has no layer 0 expert 4 .it holds 2 layers of 4 experts, the model 2 of 8.")
+    shallow = write_store(tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=1), tmp_path / "shallow.safetensors")
+    refuses(lambda: OffloadEngine(copy.deepcopy(lm), shallow, 4, write=False), "has no layer 1 expert 0")
+    narrow = write_store(tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2, moe_intermediate_size=16),
+                         tmp_path / "narrow.safetensors")
+    refuses(lambda: OffloadEngine(copy.deepcopy(lm), narrow, 4, write=False),
+            "holds layer 0 expert 0 with other parameter names, shapes or dtypes than the model's")
+
+    marker = {"format": "cfmoe-expert-store", "n_layers": "1", "n_experts": "1"}
+    crafted = tmp_path / "crafted.safetensors"
+    save_file({"L0000.E00000.w": torch.zeros(4, dtype=torch.int8)}, str(crafted),
+              metadata={**marker, "model_fingerprint": "0", "checksums": '{"0.0": 0}'})
+    refuses(lambda: ExpertStore(crafted), "holds L0000.E00000.w as dtype 'I8'; valid: F32, F16, BF16, F64")
+    save_file({"L0000.E00000.w": torch.zeros(4)}, str(crafted))
+    refuses(lambda: ExpertStore(crafted), "has no 'cfmoe-expert-store' format marker")
+    save_file({"L0000.E00000.w": torch.zeros(4)}, str(crafted), metadata=marker)
+    refuses(lambda: OffloadEngine(copy.deepcopy(lm), crafted, 4, write=False),
+            "has no model fingerprint or checksums .an older format.: rewrite it")
+
+
+def test_generate_refuses_empty_or_1d_prompts_before_touching_the_model(tmp_path):
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2), tiny_tokenizer()
+    model = copy.deepcopy(lm)
+    engine = OffloadEngine(model, tmp_path / "s.safetensors", 4)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = tok(["the cat"], return_tensors="pt")["input_ids"]
+    for bad in (ids[:, :0], ids[0], ids.float()):
+        refuses(lambda: engine.generate(bad, max_new_tokens=2),
+                "input_ids must be a non-empty 2-D .batch, seq. tensor of token ids, got shape")
+    assert not calls

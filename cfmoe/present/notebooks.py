@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import user_errors
+
 
 def failed_cell(path: str | Path) -> str:
     """'cell N: <first line>' of the cell papermill marked as failed, or 'no failed cell recorded'."""
@@ -21,7 +23,12 @@ def failed_cell(path: str | Path) -> str:
     return "no failed cell recorded"
 
 
+@user_errors("python -m cfmoe.present.notebooks")
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[0] != "failed-cell":
+        raise ValueError("usage: python -m cfmoe.present.notebooks failed-cell NOTEBOOK.ipynb")
+    print(failed_cell(argv[1]))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "failed-cell":
-        sys.exit("usage: python -m cfmoe.present.notebooks failed-cell NOTEBOOK.ipynb")
-    print(failed_cell(sys.argv[2]))
+    main(sys.argv[1:])

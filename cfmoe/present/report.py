@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import claims
+from ..cli import user_errors
 from ..config import ROOT, results_root, results_subdir
 from ..provenance import sidecar, write_json_atomic, write_text_atomic
 from ..stages import fine_tuning
@@ -152,6 +153,7 @@ def with_readme_table(readme: str, root: Path) -> str:
     return "\n".join([head + README_START, *table(root, "results/"), README_END + tail])
 
 
+@user_errors("python -m cfmoe.present.report")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args(argv)

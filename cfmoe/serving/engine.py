@@ -35,7 +35,7 @@ import torch
 from .. import moe
 from ..cache import SCOPES
 from ..serving_sim import MODES, layer_seeds, seed_quota
-from .store import ExpertStore, expert_parameters, write_store
+from .store import ExpertStore, expert_parameters, model_fingerprint, write_store
 
 POLICIES = ("lru", "lfu")
 
@@ -157,12 +157,13 @@ class OffloadEngine:
             raise ValueError(f"per-layer capacity {capacity} exceeds the {n_experts} experts of a layer")
         if write:
             write_store(model, store_path)
+        device = next(model.parameters()).device
+        self.store = ExpertStore(store_path, tier, bandwidth_gbps, device)
+        self._check_store(fingerprint=not write)
         # the grouped/batched expert kernels scan every expert id, i.e. every slot of the pool (+50% per token
         # measured here at 384 slots); the eager loop touches only the slots a call uses
         if hasattr(model, "set_experts_implementation"):
             model.set_experts_implementation("eager")
-        device = next(model.parameters()).device
-        self.store = ExpertStore(store_path, tier, bandwidth_gbps, device)
         self.tier = tier
         self.cache = SlotCache(int(capacity), policy, scope, n_layers)
         self.staging = n_experts if mode != "unified" else 0
@@ -195,6 +196,25 @@ class OffloadEngine:
             layer.experts.num_experts = self.n_slots
             layer.experts.forward = self._forward(index, layer.experts.forward)
         self._hook = model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
+
+    def _check_store(self, fingerprint: bool) -> None:
+        """The store must hold every (layer, expert) of the model with the model's expert parameter names, shapes
+        and dtypes, and (`fingerprint`: one not just written here) come from this very model."""
+        store, info = self.store, self.info
+        for index, layer in enumerate(info.layers):
+            layout = sorted((name, tuple(p.shape[1:]), p.dtype)
+                            for name, p in expert_parameters(layer.experts, layer.n_experts).items())
+            for expert in range(layer.n_experts):
+                items = store.tensors.get((index, expert))
+                if items is None:
+                    raise ValueError(f"expert store {store.path} has no layer {index} expert {expert} (it holds "
+                                     f"{store.n_layers} layers of {store.n_experts} experts, the model "
+                                     f"{len(info.layers)} of {info.n_experts}): rewrite it with write=True")
+                if sorted((name, shape, dtype) for name, dtype, shape, _, _ in items) != layout:
+                    raise ValueError(f"expert store {store.path} holds layer {index} expert {expert} with other "
+                                     "parameter names, shapes or dtypes than the model's: rewrite it with write=True")
+        if fingerprint and store.model_fingerprint != model_fingerprint(self.model):
+            raise ValueError(f"expert store {store.path} was written from another model: rewrite it with write=True")
 
     @property
     def pool_bytes(self) -> int:
@@ -344,6 +364,11 @@ class OffloadEngine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask=None, **generate_kwargs) -> tuple[torch.Tensor, dict]:
         """`model.generate` through the engine; returns the sequences and this call's measurements."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.numel() == 0 or \
+                input_ids.is_floating_point():
+            got = f"shape {tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
+                else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a non-empty 2-D (batch, seq) tensor of token ids, got {got}")
         self.reset_counters()
         cuda = self.pool[next(iter(self.pool))].device.type == "cuda"
         if cuda:  # peak fast-tier bytes during this call, next to what it started with

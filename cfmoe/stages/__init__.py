@@ -3,8 +3,9 @@ into `results/NN_name/` and drawing its figures from them.
 
     python -m cfmoe.stages base_model --preset gpu       # a notebook's stage without Jupyter
 
-Every stage module has `NOTEBOOK` (its results folder), `compute(cfg, force=False)` and
-`figures(cfg, results)`. Models and routing traces come from `cfmoe.stages.runs`; paper numbers, targets
+Every stage module has `NOTEBOOK` (its results folder) and `compute(cfg, force=False)`, which computes the
+tables, draws the figures from them (`figures`) and writes them all as one set (`runs.one_result_set`): a
+failed or killed stage leaves the previous set whole. `force=True` re-records traces and rebuilds models. Models and routing traces come from `cfmoe.stages.runs`; paper numbers, targets
 and verdicts from `cfmoe.claims`.
 """
 

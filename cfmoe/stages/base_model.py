@@ -20,7 +20,7 @@ from . import runs
 NOTEBOOK = "00_base_model"
 
 
-def compute(cfg: StudyConfig, force: bool = False) -> dict[str, pd.DataFrame]:
+def _compute(cfg: StudyConfig, force: bool = False) -> dict[str, pd.DataFrame]:
     """Build or load the base model; its size, test perplexity and expert load."""
     make_deterministic(cfg.seed, cfg.threads)
     out = cfg.results_dir(NOTEBOOK)
@@ -71,3 +71,6 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     if not results["training_log"].empty:
         save_figure(plots.training_curve(results["training_log"], results["info"].top_k), out / "training_curve", cfg)
     save_figure(plots.expert_load(results["load"], results["info"].top_k), out / "expert_load", cfg)
+
+
+compute = runs.one_result_set(NOTEBOOK, _compute, figures)

@@ -161,7 +161,7 @@ def combinations(throughput: pd.DataFrame, serving: pd.DataFrame, shares, sizes,
     return pd.DataFrame(rows).sort_values(["source", "mean_memory_saved"], ascending=[True, False], ignore_index=True)
 
 
-def compute(cfg: StudyConfig, force: bool = False) -> dict:
+def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     """Traces of the four models (recorded once, then read from files), hit-rate curves, serving modes, memory at equal throughput."""
     make_deterministic(cfg.seed, cfg.threads)
     out = cfg.results_dir(NOTEBOOK)
@@ -277,3 +277,6 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     save_figure(plots.hit_rate_curves(results["curves"]), out / "hit_rate_curves", cfg)
     save_figure(plots.serving_modes(results["serving"]), out / "serving_modes", cfg)
     save_figure(plots.memory_throughput(results["throughput"], results["saved"]), out / "memory_throughput", cfg)
+
+
+compute = runs.one_result_set(NOTEBOOK, _compute, figures)

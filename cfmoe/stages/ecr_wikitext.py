@@ -80,7 +80,7 @@ def authors_table(samples: pd.DataFrame, decoding: str = "sampled") -> pd.DataFr
                          "Output_CFMoE": cfmoe.output, "ECR_CFMoE": cfmoe.decode_ecr}).reset_index(drop=True)
 
 
-def compute(cfg: StudyConfig, force: bool = False) -> dict:
+def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     """Generate (traces recorded once, then read from files) for each entry with each model and decoding; ECR, GDS, LAL and quality."""
     make_deterministic(cfg.seed, cfg.threads)
     out = cfg.results_dir(NOTEBOOK)
@@ -170,3 +170,6 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     k_over_e = results["info"].top_k / results["info"].n_experts
     save_figure(plots.ecr_distributions(results["samples"], k_over_e), out / "ecr_distributions", cfg)
     save_figure(plots.per_layer_heatmaps(results["per_layer"]), out / "per_layer_ecr_heatmaps", cfg)
+
+
+compute = runs.one_result_set(NOTEBOOK, _compute, figures)

@@ -19,7 +19,7 @@ from . import router_design, runs
 NOTEBOOK = "02_fine_tuning"
 
 
-def compute(cfg: StudyConfig, force: bool = False) -> dict:
+def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     """Base, LoRA control, CFMoE (all layers) and CFMoE+DAFT with the same steps, seed and data."""
     make_deterministic(cfg.seed, cfg.threads)
     out = cfg.results_dir(NOTEBOOK)
@@ -99,3 +99,6 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     info = results["info"]
     save_figure(plots.per_layer_ecr(results["per_layer"], info.top_k / info.n_experts), out / "per_layer_ecr", cfg)
     save_figure(plots.finetune_curves(results["log"]), out / "training_curves", cfg)
+
+
+compute = runs.one_result_set(NOTEBOOK, _compute, figures)

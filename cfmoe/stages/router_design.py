@@ -38,7 +38,7 @@ def routing_ceiling(experts: np.ndarray, n_experts: int) -> dict[str, pd.DataFra
     return {"lru": lru, "reuse": reuse}
 
 
-def compute(cfg: StudyConfig, force: bool = False) -> dict:
+def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     """The base model's routing locality, then a sweep of locality losses x weights (Pareto)."""
     make_deterministic(cfg.seed, cfg.threads)
     out = cfg.results_dir(NOTEBOOK)
@@ -108,3 +108,6 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     info = results["info"]
     save_figure(plots.routing_ceiling(results["per_layer"], results["lru"], results["reuse"]), out / "base_locality", cfg)
     save_figure(plots.pareto(results["sweep"], info.top_k / info.n_experts), out / "pareto", cfg)
+
+
+compute = runs.one_result_set(NOTEBOOK, _compute, figures)

@@ -12,6 +12,7 @@ and a change of an analysis alone reads the files. `force=True` records again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -22,10 +23,27 @@ import numpy as np
 import torch
 
 from .. import evaluate, model, moe, routing
-from ..config import StudyConfig
-from ..provenance import write_json_atomic
+from ..config import STAGING, StudyConfig
+from ..provenance import staged_folder, write_json_atomic
 
 FINETUNE_RUNS = ("base", "lora_control", "cfmoe", "cfmoe_daft")
+
+
+def one_result_set(notebook: str, compute: Callable, figures: Callable) -> Callable:
+    """`compute(cfg, force)` then `figures(cfg, results)`, their files written as one set: into a staging copy
+    of the notebook's results folder, moved into place only when both succeed."""
+    @functools.wraps(compute)
+    def stage(cfg: StudyConfig, force: bool = False) -> dict:
+        folder = cfg.results_dir(notebook)
+        with staged_folder(folder) as staging:
+            token = STAGING.set({**STAGING.get(), folder: staging})
+            try:
+                results = compute(cfg, force)
+                figures(cfg, results)
+            finally:
+                STAGING.reset(token)
+        return results
+    return stage
 
 
 def load_base(cfg: StudyConfig, force: bool = False):
@@ -45,12 +63,22 @@ def finetuned_dir(cfg: StudyConfig, run: str) -> Path:
 
 
 def save_finetuned(cfg: StudyConfig, run: str, tuned, tokenizer):
-    """Save a run's LoRA adapter and its merged model (what notebooks 03-05 load); return the merged model."""
+    """Save a run's LoRA adapter and its merged model (what notebooks 03-05 load); return the merged model.
+
+    The folder is written whole: into a `.partial` sibling, then renamed into place (the old one renamed aside
+    first and removed last), so a killed save leaves the previous complete folder, never a half-written one."""
     out = finetuned_dir(cfg, run)
-    tuned.save_pretrained(out / "adapter")
+    partial, old = out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    tuned.save_pretrained(partial / "adapter")
     merged = tuned.merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
-    merged.save_pretrained(out / "merged")
-    tokenizer.save_pretrained(out / "merged")
+    merged.save_pretrained(partial / "merged")
+    tokenizer.save_pretrained(partial / "merged")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    partial.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return merged
 
 

@@ -116,7 +116,7 @@ def engine_run(lm, store, requests, reference, kwargs, **engine_kwargs) -> dict:
     return result
 
 
-def compute(cfg: StudyConfig, force: bool = False) -> dict:
+def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     """Measure the engine on this machine for every run, tier, budget, policy and mode."""
     make_deterministic(cfg.seed, cfg.threads)
     out = cfg.results_dir(NOTEBOOK)
@@ -295,3 +295,6 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     out = cfg.results_dir(NOTEBOOK)
     save_figure(plots.measured_throughput(results["measured"]), out / "measured_throughput", cfg)
     save_figure(plots.predicted_vs_measured(results["prediction"]), out / "predicted_vs_measured", cfg)
+
+
+compute = runs.one_result_set(NOTEBOOK, _compute, figures)
