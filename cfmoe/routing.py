@@ -314,3 +314,170 @@ def trace_generate(model: torch.nn.Module, tokenizer, prompts: list[str], record
                                    phase, sequences[b, :prompt_len + n_steps][keep].numpy(), recorder.info.n_experts,
                                    _meta(recorder.info, "trace_generate", max_new_tokens=max_new_tokens)))
     return traces
+
+
+# --- replaying a recorded routing stream ----------------------------------------------------------------------
+
+
+def default_layer_map(n_model_layers: int, n_trace_layers: int) -> list[int]:
+    """Model MoE layer l replays trace layer floor(l * n_trace_layers / n_model_layers): the trace's depth
+    stretched (or squeezed) over the model's, first to first, in order. E.g. 6 stand-in layers over 27 paper
+    layers: 0,0,0,0,0,1,1,1,1,2,... (each stand-in layer 4-5 times); 26 real layers over 27: 0..25 with one twice."""
+    return [layer * n_trace_layers // n_model_layers for layer in range(n_model_layers)]
+
+
+class RoutingReplay:
+    """The position in the replayed stream (tokens consumed so far) and the layer map in use."""
+
+    def __init__(self, trace: RoutingTrace, layer_map: list[int], cycle: bool):
+        self.trace, self.layer_map, self.cycle = trace, layer_map, cycle
+        self.position = [0] * len(layer_map)
+
+    def take(self, layer: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """The next `rows` tokens' experts of the trace layer mapped to model layer `layer`."""
+        start, n = self.position[layer], self.trace.n_tokens
+        if start + rows > n and not self.cycle:
+            raise ValueError(f"the replayed trace has {n} tokens and is exhausted: model MoE layer {layer} asked for "
+                             f"tokens {start}..{start + rows - 1}; record a longer trace or pass cycle=True")
+        picks = np.arange(start, start + rows) % n
+        self.position[layer] = start + rows
+        experts = self.trace.experts[picks, self.layer_map[layer]]
+        return torch.as_tensor(experts.astype(np.int64)).to(device=like.device, dtype=like.dtype)
+
+
+@contextlib.contextmanager
+def replay_routing(model: torch.nn.Module, trace: RoutingTrace, layer_map: list[int] | None = None,
+                   cycle: bool = False) -> Iterator[RoutingReplay]:
+    """Run `model` with every MoE layer's top-k choice replaced by a recorded stream: the n-th token the model
+    computes (prefill tokens first, then one per decode step; batch rows in order) takes the trace's n-th token's
+    experts of trace layer `layer_map[l]` (default `default_layer_map`). The router still runs and its weights
+    for the slots are kept; only which experts compute changes. For measuring sizes we cannot train: a model of
+    the paper's shape with the study's (or a real model's) routing. Hooks are removed on exit."""
+    info = describe(model)
+    n_layers = len(info.layers)
+    layer_map = default_layer_map(n_layers, trace.n_layers) if layer_map is None else [int(x) for x in layer_map]
+    if len(layer_map) != n_layers or not all(0 <= x < trace.n_layers for x in layer_map):
+        raise ValueError(f"layer_map must give one trace layer in [0, {trace.n_layers}) for each of the model's "
+                         f"{n_layers} MoE layers, got {layer_map}")
+    if trace.top_k != info.top_k or trace.n_experts > info.n_experts:
+        raise ValueError(f"the trace routes top-{trace.top_k} of {trace.n_experts} experts; the model routes "
+                         f"top-{info.top_k} of {info.n_experts}: replay needs the same k and no more experts")
+    replay = RoutingReplay(trace, layer_map, cycle)
+    handles = [layer.experts.register_forward_pre_hook(_replay_hook(replay, i, layer.indices_arg), with_kwargs=True)
+               for i, layer in enumerate(info.layers)]
+    try:
+        yield replay
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _replay_hook(replay: RoutingReplay, layer: int, name: str):
+    def hook(module, args, kwargs):
+        indices = args[1] if len(args) > 1 else kwargs[name]
+        replayed = replay.take(layer, indices.shape[0], indices).reshape(indices.shape)
+        if len(args) > 1:
+            return (args[0], replayed, *args[2:]), kwargs
+        return args, {**kwargs, name: replayed}
+    return hook
+
+
+# --- reading external traces ----------------------------------------------------------------------------------
+
+CSV_COLUMNS = ("Layer ID", "Batch Number", "Token", "Activated Expert IDs")
+
+
+def read_trace(path: str | os.PathLike, n_experts: int | None = None) -> RoutingTrace:
+    """A `RoutingTrace` from the project's `.npz`, from a routing CSV, or from a directory of CSVs.
+
+    CSV (the format in which the MoE-Beyond project released DeepSeek-V2-Lite routing): columns
+    `Layer ID, Batch Number, Token, Activated Expert IDs`, one row per MoE layer per token, the expert ids a
+    bracketed list ("[3, 17, 40]"). Layer ids may start anywhere: the sorted distinct ids become 0..L-1. Within a
+    batch number, a layer's rows are its tokens in order; a batch of one token per layer is a decode step, a
+    longer one a prefill. A `Token` that is an integer is kept as the token id (else 0). A directory reads its
+    `prompt_<n>_data.csv` files in numeric order as consecutive requests. `n_experts` defaults to the largest
+    id + 1."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("prompt_*_data.csv"), key=lambda p: _prompt_number(p))
+        if not files:
+            raise ValueError(f"{path}: no prompt_<n>_data.csv files in this directory")
+        parts = [_read_csv(f) for f in files]
+        return _trace_from_rows(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                                np.concatenate([p[2] for p in parts]), n_experts, path,
+                                {"source": str(path), "requests": [len(p[0]) for p in parts]})
+    if not path.is_file():
+        raise ValueError(f"{path}: no such trace file or directory")
+    if path.suffix == ".npz":
+        return RoutingTrace.load(path)
+    if path.suffix != ".csv":
+        raise ValueError(f"{path}: unknown trace format {path.suffix!r}; valid: .npz, .csv or a directory of "
+                         "prompt_<n>_data.csv files")
+    experts, phase, tokens = _read_csv(path)
+    return _trace_from_rows(experts, phase, tokens, n_experts, path, {"source": str(path)})
+
+
+def _prompt_number(path: Path) -> int:
+    middle = path.name[len("prompt_"):-len("_data.csv")]
+    if not middle.isdigit():
+        raise ValueError(f"{path}: expected prompt_<n>_data.csv with an integer n")
+    return int(middle)
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(experts (tokens, layers, k), phase, token ids) of one routing CSV."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, skipinitialspace=True)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise ValueError(f"{path}: not a readable CSV ({type(e).__name__})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in CSV_COLUMNS if c not in frame.columns]
+    if missing or frame.empty:
+        raise ValueError(f"{path}: expected columns {', '.join(CSV_COLUMNS)} and at least one row; missing {missing}")
+    try:
+        experts = [[int(x) for x in str(cell).strip().strip("[]").replace(",", " ").split()]
+                   for cell in frame["Activated Expert IDs"]]
+        layer_ids = frame["Layer ID"].astype(int).to_numpy()
+        batches = frame["Batch Number"].astype(int).to_numpy()
+    except ValueError as e:
+        raise ValueError(f"{path}: Layer ID and Batch Number must be integers and Activated Expert IDs a bracketed "
+                         f"list of integers ({e})") from None
+    k = {len(row) for row in experts}
+    if len(k) != 1 or 0 in k:
+        raise ValueError(f"{path}: every row must activate the same number of experts, got {sorted(k)}")
+    layers = np.unique(layer_ids)
+    layer = np.searchsorted(layers, layer_ids)
+    experts = np.asarray(experts, dtype=np.int64)
+    if experts.min() < 0:
+        raise ValueError(f"{path}: expert ids must be >= 0, got {experts.min()}")
+    token_text = frame["Token"].to_numpy()
+    out_experts, out_phase, out_tokens = [], [], []
+    for batch in dict.fromkeys(batches):  # batch numbers in file order
+        rows = batches == batch
+        counts = np.bincount(layer[rows], minlength=len(layers))
+        if counts.min() != counts.max():
+            raise ValueError(f"{path}: batch {batch} has {counts.min()} to {counts.max()} rows per layer; every MoE "
+                             "layer must route every token once")
+        n = counts[0]
+        block = np.empty((n, len(layers), experts.shape[1]), np.int64)
+        ids = np.zeros(n, np.int64)
+        for index in range(len(layers)):
+            mine = rows & (layer == index)
+            block[:, index] = experts[mine]
+            if index == 0:
+                ids = np.array([int(t) if str(t).strip().lstrip("-").isdigit() and int(t) >= 0 else 0
+                                for t in token_text[mine]])
+        out_experts.append(block)
+        out_phase.append(np.full(n, DECODE if n == 1 else PREFILL))
+        out_tokens.append(ids)
+    return np.concatenate(out_experts), np.concatenate(out_phase), np.concatenate(out_tokens)
+
+
+def _trace_from_rows(experts, phase, tokens, n_experts, path, meta) -> RoutingTrace:
+    largest = int(experts.max()) + 1
+    n_experts = largest if n_experts is None else int(n_experts)
+    if largest > n_experts:
+        raise ValueError(f"{path}: expert id {largest - 1} is out of range for n_experts={n_experts}")
+    return RoutingTrace(experts, None, phase, tokens, n_experts, meta)
