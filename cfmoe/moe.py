@@ -16,9 +16,11 @@ on their own as `adapter_bytes` (0 once merged and unloaded).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass, field, fields
 
+import torch
 from torch import nn
 
 SUPPORTED_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
@@ -139,3 +141,13 @@ def describe(model: nn.Module) -> MoEModelInfo:
     return MoEModelInfo(architecture=base.config.model_type, layers=layers, n_experts=layers[0].n_experts,
                         top_k=layers[0].top_k, routed_expert_bytes=routed, resident_bytes=total - routed,
                         adapter_bytes=_nbytes(adapters.values()), total_bytes=total, routed_share=routed / total)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the name, dtype, shape and bytes of every tensor of the model's state dict (experts included):
+    what keys its routing traces and vouches for its expert store."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

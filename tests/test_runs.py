@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cfmoe import evaluate
+from cfmoe import evaluate, moe
 from cfmoe.config import load_config
 from cfmoe.routing import trace_forward
 from cfmoe.stages import runs
@@ -46,8 +46,7 @@ def test_cached_traces_are_recorded_once_and_keyed_by_weights_and_settings(tmp_p
     other = copy.deepcopy(lm)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
-    other._cfmoe_fingerprint = None
-    assert runs.model_fingerprint(other) != runs.model_fingerprint(lm)
+    assert moe.weights_fingerprint(other) != moe.weights_fingerprint(lm)
     runs.cached_traces(cfg, "stage", "base", other, settings, lambda: compute(other))
     assert len(calls) == 4  # other weights, other key
     folders = sorted(p.name for p in (tmp_path / "smoke" / "traces" / "stage").iterdir())

@@ -211,3 +211,24 @@ def test_generate_refuses_empty_or_1d_prompts_before_touching_the_model(tmp_path
         refuses(lambda: engine.generate(bad, max_new_tokens=2),
                 "input_ids must be a non-empty 2-D .batch, seq. tensor of token ids, got shape")
     assert not calls
+
+
+def test_reconfigure_serves_a_sweep_with_one_engine(tmp_path):
+    """A reconfigured engine (new budget, policy, mode) equals a fresh one built with those settings."""
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=3), tiny_tokenizer()
+    ids, mask = encode(tok)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        expected = reference(lm, ids, mask, n=8)
+    engine = OffloadEngine(copy.deepcopy(lm), tmp_path / "s.safetensors", 16, tier="page_cache")
+    for capacity, policy, mode in [(3, "lru", "unified"), (5, "lfu", "disaggregated_warm"), (2, "lru", "disaggregated")]:
+        engine.reconfigure(capacity, policy, mode=mode)
+        out, stats = engine.generate(ids, mask, **kwargs)
+        fresh = OffloadEngine(copy.deepcopy(lm), tmp_path / "s.safetensors", capacity, policy=policy, mode=mode,
+                              tier="page_cache", write=False)
+        _, fresh_stats = fresh.generate(ids, mask, **kwargs)
+        assert torch.equal(out, expected)
+        assert engine.pool_bytes == fresh.pool_bytes and engine.n_slots == capacity + (0 if mode == "unified" else 8)
+        assert (stats["decode_hits"], stats["decode_misses"]) == (fresh_stats["decode_hits"], fresh_stats["decode_misses"])
+    with pytest.raises(ValueError, match=r"capacity 1 experts \(in all\) is smaller than one layer's top-k of 2"):
+        engine.reconfigure(1)

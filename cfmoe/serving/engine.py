@@ -35,7 +35,7 @@ import torch
 from .. import moe
 from ..cache import SCOPES
 from ..serving_sim import MODES, layer_seeds, seed_quota
-from .store import ExpertStore, expert_parameters, model_fingerprint, write_store
+from .store import ExpertStore, expert_parameters, write_store
 
 POLICIES = ("lru", "lfu")
 
@@ -141,12 +141,67 @@ class OffloadEngine:
                  scope: str = "global", mode: str = "disaggregated", tier: str = "direct",
                  bandwidth_gbps: float | None = None, warm_tokens: int = 8, warm_decay: float = 0.5,
                  prefetch: bool = False, write: bool = True):
+        info = moe.describe(model)
+        self.model, self.info = model, info
+        self._check_settings(capacity, policy, scope, mode)  # before anything is written
+        if write:
+            write_store(model, store_path)
+        self.device = next(model.parameters()).device
+        self.store = ExpertStore(store_path, tier, bandwidth_gbps, self.device)
+        self._check_store(fingerprint=not write)
+        # the grouped/batched expert kernels scan every expert id, i.e. every slot of the pool (+50% per token
+        # measured here at 384 slots); the eager loop touches only the slots a call uses
+        if hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation("eager")
+        self.tier = tier
+        self.warm_tokens, self.warm_decay = warm_tokens, warm_decay
+        self.expert_bytes = sum(int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+                                for _, dtype, shape, _, _ in self.store.tensors[(0, 0)])
+        self.pool = {}
+        self.reconfigure(capacity, policy, scope, mode, prefetch)
+        for index, layer in enumerate(info.layers):
+            layer.experts.forward = self._forward(index, layer.experts.forward)
+        self._hook = model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
+
+    def reconfigure(self, capacity: int, policy: str = "lru", scope: str = "global", mode: str = "disaggregated",
+                    prefetch: bool = False) -> None:
+        """A new budget, policy, scope, mode or prefetch setting for the same model and store: an empty cache
+        and a freshly allocated slot pool (the old one is freed first), so one engine serves a whole sweep."""
+        self._check_settings(capacity, policy, scope, mode)
+        info = self.info
+        n_layers, n_experts = len(info.layers), info.n_experts
+        if getattr(self, "_pending", None) is not None:
+            self._wait()
+        self.mode = mode
+        self.cache = SlotCache(int(capacity), policy, scope, n_layers)
+        self.staging = n_experts if mode != "unified" else 0
+        self.n_slots = self.cache.n_slots + self.staging
+        self.counters = Counters()
+        self.phase = "prefill"
+        self.prefetch = bool(prefetch)
+        self._pending = None  # the background prefetch in flight: a future of its seconds
+        self._ahead: set[tuple[int, int]] = set()  # prefetched keys not yet accessed
+        if self.prefetch and not hasattr(self, "_executor"):
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cfmoe-prefetch")
+            self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._staged: dict[int, int] = {}  # expert -> staging slot of the layer being prefilled
+        for layer in info.layers:  # drop the layers' references to the model's own experts, or to the old pool
+            for name in self.pool or expert_parameters(layer.experts, n_experts):
+                setattr(layer.experts, name, None)
+        self.pool = {}
+        for name, dtype, shape, _, _ in sorted(self.store.tensors[(0, 0)], key=lambda item: item[0]):
+            self.pool[name] = torch.nn.Parameter(torch.zeros((self.n_slots, *shape), dtype=dtype, device=self.device),
+                                                 requires_grad=False)
+        for layer in info.layers:
+            for name, param in self.pool.items():
+                setattr(layer.experts, name, param)
+            layer.experts.num_experts = self.n_slots
+
+    def _check_settings(self, capacity, policy: str, scope: str, mode: str) -> None:
         for value, valid, what in ((policy, POLICIES, "policy"), (scope, SCOPES, "scope"), (mode, MODES, "mode")):
             if value not in valid:
                 raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-        info = moe.describe(model)
-        self.model, self.info, self.mode = model, info, mode
-        n_layers, n_experts, top_k = len(info.layers), info.n_experts, info.top_k
+        n_layers, n_experts, top_k = len(self.info.layers), self.info.n_experts, self.info.top_k
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < top_k:
             unit = "per layer" if scope == "per_layer" else "in all"
             raise ValueError(f"capacity {capacity!r} experts ({unit}) is smaller than one layer's top-k of {top_k}; "
@@ -155,47 +210,6 @@ class OffloadEngine:
             raise ValueError(f"capacity {capacity} exceeds the model's {n_layers * n_experts} routed experts")
         if scope == "per_layer" and capacity > n_experts:
             raise ValueError(f"per-layer capacity {capacity} exceeds the {n_experts} experts of a layer")
-        if write:
-            write_store(model, store_path)
-        device = next(model.parameters()).device
-        self.store = ExpertStore(store_path, tier, bandwidth_gbps, device)
-        self._check_store(fingerprint=not write)
-        # the grouped/batched expert kernels scan every expert id, i.e. every slot of the pool (+50% per token
-        # measured here at 384 slots); the eager loop touches only the slots a call uses
-        if hasattr(model, "set_experts_implementation"):
-            model.set_experts_implementation("eager")
-        self.tier = tier
-        self.cache = SlotCache(int(capacity), policy, scope, n_layers)
-        self.staging = n_experts if mode != "unified" else 0
-        self.n_slots = self.cache.n_slots + self.staging
-        self.warm_tokens, self.warm_decay = warm_tokens, warm_decay
-        self.counters = Counters()
-        self.phase = "prefill"
-        self.prefetch = bool(prefetch)
-        self._pending = None  # the background prefetch in flight: a future of its seconds
-        self._ahead: set[tuple[int, int]] = set()  # prefetched keys not yet accessed
-        if self.prefetch:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cfmoe-prefetch")
-            self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._staged: dict[int, int] = {}  # expert -> staging slot of the layer being prefilled
-
-        first = expert_parameters(info.layers[0].experts, n_experts)
-        self.pool = {}
-        for name, param in first.items():
-            self.pool[name] = torch.nn.Parameter(torch.zeros((self.n_slots, *param.shape[1:]), dtype=param.dtype,
-                                                             device=device), requires_grad=False)
-        self.expert_bytes = sum(p[0].numel() * p.element_size() for p in first.values())
-        for index, layer in enumerate(info.layers):
-            params = expert_parameters(layer.experts, n_experts)
-            if {n: (p.shape[1:], p.dtype) for n, p in params.items()} != \
-                    {n: (p.shape[1:], p.dtype) for n, p in self.pool.items()}:
-                raise ValueError(f"MoE layer {index}'s experts differ in shape from layer 0's; one slot pool "
-                                 "cannot hold both")
-            for name in params:
-                setattr(layer.experts, name, self.pool[name])  # frees the layer's own copy
-            layer.experts.num_experts = self.n_slots
-            layer.experts.forward = self._forward(index, layer.experts.forward)
-        self._hook = model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
 
     def _check_store(self, fingerprint: bool) -> None:
         """The store must hold every (layer, expert) of the model with the model's expert parameter names, shapes
@@ -213,7 +227,7 @@ class OffloadEngine:
                 if sorted((name, shape, dtype) for name, dtype, shape, _, _ in items) != layout:
                     raise ValueError(f"expert store {store.path} holds layer {index} expert {expert} with other "
                                      "parameter names, shapes or dtypes than the model's: rewrite it with write=True")
-        if fingerprint and store.model_fingerprint != model_fingerprint(self.model):
+        if fingerprint and store.model_fingerprint != moe.weights_fingerprint(self.model):
             raise ValueError(f"expert store {store.path} was written from another model: rewrite it with write=True")
 
     @property

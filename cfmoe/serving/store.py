@@ -61,15 +61,6 @@ def _checksum(parts: dict) -> int:
     return crc
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the name, dtype, shape and bytes of every tensor of `model`'s state dict (experts included)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(_bytes(tensor))
-    return digest.hexdigest()
-
-
 def write_store(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Write every routed expert of `model` to one safetensors file, each (layer, expert) contiguous, with the
     model's fingerprint and a checksum per expert."""
@@ -88,7 +79,7 @@ def write_store(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "n_layers": str(len(info.layers)),
                                            "n_experts": str(info.n_experts),
-                                           "model_fingerprint": model_fingerprint(model),
+                                           "model_fingerprint": moe.weights_fingerprint(model),
                                            "checksums": json.dumps(checksums)})
     os.replace(tmp, path)
     return path

@@ -95,20 +95,6 @@ def load_runs(cfg: StudyConfig) -> tuple[dict, object]:
     return models, tokenizer
 
 
-def model_fingerprint(lm: torch.nn.Module) -> str:
-    """A hash of the model's weights and buffers (names, dtypes, shapes, bytes), kept on the model once computed."""
-    cached = getattr(lm, "_cfmoe_fingerprint", None)
-    if cached:
-        return cached
-    digest = hashlib.sha256()
-    for name, tensor in sorted(lm.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    lm._cfmoe_fingerprint = digest.hexdigest()[:16]
-    return lm._cfmoe_fingerprint
-
-
 def _settings_digest(settings: dict) -> str:
     def default(value):
         if isinstance(value, np.ndarray):
@@ -119,7 +105,7 @@ def _settings_digest(settings: dict) -> str:
 
 def trace_dir(cfg: StudyConfig, stage: str, run: str, lm: torch.nn.Module, settings: dict) -> Path:
     """The folder of one model's traces for one stage and settings."""
-    key = hashlib.sha256(f"{model_fingerprint(lm)}|{routing.SCHEMA_VERSION}|{_settings_digest(settings)}".encode())
+    key = hashlib.sha256(f"{moe.weights_fingerprint(lm)[:16]}|{routing.SCHEMA_VERSION}|{_settings_digest(settings)}".encode())
     return cfg.artifacts_dir / "traces" / stage / f"{run}-{key.hexdigest()[:16]}"
 
 
@@ -140,7 +126,7 @@ def cached_traces(cfg: StudyConfig, stage: str, run: str, lm: torch.nn.Module, s
     for i, trace in enumerate(traces):
         trace.save(partial / f"{i:05d}.npz")
     write_json_atomic(partial / "index.json", {"traces": len(traces), "run": run, "stage": stage,
-                                                "model": model_fingerprint(lm), "settings": _settings_digest(settings)})
+                                                "model": moe.weights_fingerprint(lm)[:16], "settings": _settings_digest(settings)})
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return traces
