@@ -191,7 +191,7 @@ def test_stores_from_another_model_or_format_get_one_line_errors(tmp_path):
     marker = {"format": "cfmoe-expert-store", "n_layers": "1", "n_experts": "1"}
     crafted = tmp_path / "crafted.safetensors"
     save_file({"L0000.E00000.w": torch.zeros(4, dtype=torch.int8)}, str(crafted),
-              metadata={**marker, "model_fingerprint": "0", "checksums": '{"0.0": 0}'})
+              metadata={**marker, "model_fingerprint": "0", "checksums": '{"0.0": "00000000"}'})
     refuses(lambda: ExpertStore(crafted), "holds L0000.E00000.w as dtype 'I8'; valid: F32, F16, BF16, F64")
     save_file({"L0000.E00000.w": torch.zeros(4)}, str(crafted))
     refuses(lambda: ExpertStore(crafted), "has no 'cfmoe-expert-store' format marker")

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from cfmoe import costmodel
+from cfmoe.config import load_config
 from cfmoe.stages import serving as serving_study
 
 
@@ -49,3 +50,45 @@ def test_prediction_calibrates_a_floor_and_a_per_expert_load_time():
     assert row.calibrated_error == pytest.approx(row.calibrated_tokens_per_s / 25.0 - 1)
     # the authors' model: memory-bound, the direct tier at the profile's file-read bandwidth
     assert row.authors_model_tokens_per_s == pytest.approx(1 / ((1e6 + 2e6 * 0.25) / 1e9 + 2e6 * 0.75 / 1e8))
+
+
+def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    """The GPU measurement's code path, on a tiny model of the paper-scale structure: replayed streams, resident
+    and engine runs in a seeded order, the limit, memory saved with an interval."""
+    from cfmoe.routing import RoutingTrace
+
+    rng = np.random.default_rng(0)
+
+    def stream(keep):  # requests of 6 prompt + 10 decode tokens, 2 stand-in layers; `keep` sets locality
+        experts = [rng.choice(64, 6, replace=False) for _ in range(2)]
+        rows = []
+        for _ in range(3 * 16):
+            experts = [np.where(rng.random(6) < keep, e, rng.choice(64, 6, replace=False)) for e in experts]
+            experts = [np.unique(np.r_[e, rng.permutation(64)])[:6] if len(set(e)) < 6 else e for e in experts]
+            rows.append(np.stack(experts))
+        phase = np.tile(np.r_[np.zeros(6, int), np.ones(10, int)], 3)
+        return RoutingTrace(np.array(rows), None, phase, np.zeros(48, int), 64, {"requests": [[6, 10]] * 3})
+
+    streams = {"lora_control": stream(0.2), "cfmoe": stream(0.8)}
+    settings = [{"tier": "host", "share": s, "policy": "lru", "sources": tuple(streams)} for s in (0.25, 0.5, 0.75)]
+    shrink = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32,
+              "vocab_size": 1024}
+    out = serving_study.paper_scale_measure(streams, settings, repeats=2, new_tokens=6, requests=2, device="cpu",
+                                            store_path=tmp_path / "store.safetensors", dtype_name="float32", **shrink)
+    m = out["measurements"]
+    assert len(m) == 3 * 2 * 2 and set(m.repeat) == {0, 1} and (m.expert_mb > 0).all()
+    assert {"routing_source", "tier", "share", "policy", "mode", "prefetch", "repeat", "tokens_per_s",
+            "resident_tokens_per_s", "hit_rate", "misses_per_token", "limit_tokens_per_s"} <= set(m.columns)
+    by = m.groupby(["routing_source", "share"]).hit_rate.mean()
+    assert (by["cfmoe"] > by["lora_control"]).all()  # the more local stream hits more at every share
+    saved = serving_study.paper_scale_saved(m, resamples=20)
+    assert {"memory_saved", "saved_low", "saved_high"} <= set(saved.columns)
+    monkeypatch.setenv("CFMOE_RESULTS", str(tmp_path / "results"))
+    cfg = load_config("smoke")
+    folder = cfg.results_dir(serving_study.NOTEBOOK) / serving_study.PAPER_SCALE
+    folder.mkdir(parents=True)
+    m.to_csv(folder / "measurements_host.csv", index=False)
+    out["meta"].to_csv(folder / "machine_host.csv", index=False)
+    results = serving_study.paper_scale_results(cfg)
+    assert len(results["verdicts"]) == 3 and all(v.endswith(("met)", "missed)")) for v in results["verdicts"])

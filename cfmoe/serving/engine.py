@@ -140,14 +140,16 @@ class OffloadEngine:
     def __init__(self, model: torch.nn.Module, store_path: str | os.PathLike, capacity: int, policy: str = "lru",
                  scope: str = "global", mode: str = "disaggregated", tier: str = "direct",
                  bandwidth_gbps: float | None = None, warm_tokens: int = 8, warm_decay: float = 0.5,
-                 prefetch: bool = False, write: bool = True):
+                 prefetch: bool = False, write: bool = True, verify: bool = True):
+        """`write`: write the store from `model` first (else the store must come from this very model: its
+        fingerprint is checked); `verify`: check every expert's checksum when the store is opened."""
         info = moe.describe(model)
         self.model, self.info = model, info
         self._check_settings(capacity, policy, scope, mode)  # before anything is written
         if write:
             write_store(model, store_path)
         self.device = next(model.parameters()).device
-        self.store = ExpertStore(store_path, tier, bandwidth_gbps, self.device)
+        self.store = ExpertStore(store_path, tier, bandwidth_gbps, self.device, verify=verify)
         self._check_store(fingerprint=not write)
         # the grouped/batched expert kernels scan every expert id, i.e. every slot of the pool (+50% per token
         # measured here at 384 slots); the eager loop touches only the slots a call uses

@@ -34,6 +34,7 @@ TIERS = ("direct", "page_cache", "throttled", "host")
 FORMAT = "cfmoe-expert-store"
 _ALIGN = 4096
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def expert_parameters(experts: torch.nn.Module, n_experts: int) -> dict[str, torch.nn.Parameter]:
@@ -63,25 +64,49 @@ def _checksum(parts: dict) -> int:
 
 def write_store(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Write every routed expert of `model` to one safetensors file, each (layer, expert) contiguous, with the
-    model's fingerprint and a checksum per expert."""
-    from safetensors.torch import save_file
-
+    model's fingerprint and a crc32 per expert. Streams one layer at a time through host memory, so a model of
+    any size needs about one layer's experts of it; the file appears complete or not at all."""
     info = moe.describe(model)
-    tensors, checksums = {}, {}
-    for index, layer in enumerate(info.layers):
-        params = expert_parameters(layer.experts, layer.n_experts)
-        for expert in range(layer.n_experts):
-            parts = {name: param.detach()[expert].contiguous().cpu() for name, param in params.items()}
-            tensors |= {_key(index, expert, name): value for name, value in parts.items()}
-            checksums[f"{index}.{expert}"] = _checksum({name: _bytes(value) for name, value in parts.items()})
+    layers = [expert_parameters(layer.experts, layer.n_experts) for layer in info.layers]
+    header, offset = {}, 0
+    for index, params in enumerate(layers):
+        for expert in range(info.n_experts):
+            for name in sorted(params):
+                param = params[name]
+                size = param[0].numel() * param.element_size()
+                header[_key(index, expert, name)] = {"dtype": _NAMES[param.dtype], "shape": list(param.shape[1:]),
+                                                     "data_offsets": [offset, offset + size]}
+                offset += size
+    checksums = {f"{index}.{expert}": "0" * 8 for index in range(len(layers)) for expert in range(info.n_experts)}
+    fingerprint = moe.weights_fingerprint(model)
+
+    def encoded() -> bytes:  # fixed width: the checksums are filled in after the data, in place
+        metadata = {"format": FORMAT, "n_layers": str(len(layers)), "n_experts": str(info.n_experts),
+                    "model_fingerprint": fingerprint, "checksums": json.dumps(checksums)}
+        text = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
+        return text + b" " * (-len(text) % 8)
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "n_layers": str(len(info.layers)),
-                                           "n_experts": str(info.n_experts),
-                                           "model_fingerprint": moe.weights_fingerprint(model),
-                                           "checksums": json.dumps(checksums)})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            head = encoded()
+            f.write(struct.pack("<Q", len(head)) + head)
+            for index, params in enumerate(layers):
+                host = {name: param.detach().to("cpu", copy=True).contiguous() for name, param in params.items()}
+                for expert in range(info.n_experts):
+                    parts = {name: _bytes(host[name][expert]) for name in sorted(host)}
+                    for name in sorted(parts):
+                        f.write(parts[name])
+                    checksums[f"{index}.{expert}"] = f"{_checksum(parts):08x}"
+                del host
+            f.seek(8)
+            f.write(encoded())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -118,7 +143,12 @@ class ExpertStore:
                              "rewrite it with cfmoe.serving.write_store (OffloadEngine write=True)")
         self.n_layers, self.n_experts = int(metadata["n_layers"]), int(metadata["n_experts"])
         self.model_fingerprint = metadata["model_fingerprint"]
-        self.checksums = {tuple(map(int, k.split("."))): crc for k, crc in json.loads(metadata["checksums"]).items()}
+        try:
+            self.checksums = {tuple(map(int, k.split("."))): int(crc, 16)
+                              for k, crc in json.loads(metadata["checksums"]).items()}
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"expert store {self.path} has malformed checksums: rewrite it with "
+                             "cfmoe.serving.write_store") from None
         self.data_start = 8 + n
         self.spans: dict[tuple[int, int], tuple[int, int]] = {}
         self.tensors: dict[tuple[int, int], list[tuple[str, torch.dtype, tuple, int, int]]] = {}
@@ -153,8 +183,12 @@ class ExpertStore:
         self._fd = os.open(self.path, flags)
         self._buffer = mmap.mmap(-1, self.max_span + 2 * _ALIGN)  # page-aligned, as O_DIRECT needs
         if tier == "host":
-            whole = torch.from_file(str(self.path), shared=False, size=size, dtype=torch.uint8)
-            self._host = whole.pin_memory() if torch.device(device).type == "cuda" else whole
+            # read straight into (pinned) host memory, in chunks: one copy of the store, not two
+            self._host = torch.empty(size, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
+            view, chunk = memoryview(self._host.numpy()), 1 << 28
+            with open(self.path, "rb", buffering=0) as f:
+                for start in range(0, size, chunk):
+                    f.readinto(view[start:start + chunk])
 
     def verify(self) -> None:
         """Check every expert's bytes against its checksum; a corrupt one raises a one-line ValueError."""

@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import gc
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import claims, costmodel, data, moe
+from .. import claims, costmodel, data, moe, routing
 from ..config import StudyConfig
 from ..determinism import make_deterministic
 from ..present import plots
@@ -288,6 +289,241 @@ def prediction_errors(prediction: pd.DataFrame, tier: str | None = None) -> pd.D
              "within_target": tested[column].abs().map(claims.COST_MODEL_ERROR.met).mean()}
             for column in ("authors_model_error", "calibrated_error")]
     return pd.DataFrame(rows).set_index("model")
+
+
+# --- paper scale: DeepSeek-MoE-16B-sized experts on a GPU, routing replayed from the study's models -------------
+
+PAPER_SCALE = "paper_scale"  # results/05_serving/paper_scale/ (written by scripts/paper_scale.py on a GPU)
+STREAM_RUNS = ("base", "lora_control", "cfmoe")
+
+
+def export_streams(cfg: StudyConfig, out_dir) -> dict[str, Path]:
+    """Notebook 04's generated WikiText (sampled decoding) of base, control and CFMoE, each run's requests in
+    one replayable `RoutingTrace` (`meta['requests']`: [prompt tokens, decode tokens] per request), written to
+    `out_dir/<run>.npz`: the routing the paper-scale model replays."""
+    models, tokenizer = runs.load_runs(cfg)
+    e = cfg.ecr
+    task = data.entry_task("test")
+    prompts = list(task.select(range(min(e.entries, len(task))))["prompt"])
+    from .ecr_wikitext import decoding_settings, generate_entries
+
+    settings = decoding_settings(cfg)["sampled"]
+    key = {"kind": "generate", "prompts": prompts, "decoding": settings, "max_new_tokens": e.max_new_tokens,
+           "batch_size": e.batch_size, "seed": cfg.seed}
+    paths = {}
+    for run in STREAM_RUNS:
+        lm = models[run]
+        traces = runs.cached_traces(cfg, "04_ecr_wikitext", f"{run}-sampled", lm, key,
+                                    compute=lambda: generate_entries(lm, tokenizer, prompts, settings, e.max_new_tokens,
+                                                                     e.batch_size, cfg.seed))
+        joined = routing.RoutingTrace(np.concatenate([t.experts for t in traces]), None,
+                                      np.concatenate([t.phase for t in traces]),
+                                      np.concatenate([t.token_ids for t in traces]), traces[0].n_experts,
+                                      {"run": run, "source": "04_ecr_wikitext, sampled decoding",
+                                       "requests": [[int((t.phase == routing.PREFILL).sum()),
+                                                     int((t.phase == routing.DECODE).sum())] for t in traces]})
+        paths[run] = joined.save(Path(out_dir) / f"{run}.npz")
+    return paths
+
+
+def paper_scale_model(device, dtype=torch.bfloat16, **shrink):
+    """A Qwen2-MoE of DeepSeek-MoE-16B's shape (`claims.DEEPSEEK_MOE_16B`: hidden 2048, 28 layers with the first
+    dense, 64 routed experts of width 1408 plus the 2 shared ones as one of twice the width, top-6), random
+    weights, built on `device`. `shrink` overrides config fields (tests build a tiny one)."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    d = claims.DEEPSEEK_MOE_16B
+    fields = {"vocab_size": d["vocab_size"], "hidden_size": d["hidden"], "intermediate_size": d["dense_width"],
+              "num_hidden_layers": d["n_layers"], "num_attention_heads": d["heads"], "num_key_value_heads": d["heads"],
+              "num_experts": d["n_routed"], "num_experts_per_tok": d["top_k"], "moe_intermediate_size": d["expert_width"],
+              "shared_expert_intermediate_size": d["n_shared"] * d["expert_width"], "mlp_only_layers": [0],
+              "max_position_embeddings": 4096, "norm_topk_prob": False, **shrink}
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(Qwen2MoeConfig(**fields), dtype=dtype).eval()
+
+
+def _request_inputs(stream: routing.RoutingTrace, request: int, new_tokens: int, seed: int):
+    """(replayable sub-trace, random prompt ids of the recorded prompt's length, tokens to generate)."""
+    sizes = stream.meta["requests"]
+    start = sum(p + d for p, d in sizes[:request])
+    prompt, decode = sizes[request]
+    n_new = min(new_tokens, decode)  # generate runs n_new - 1 decode forwards after the prefill
+    trace = stream.select(slice(start, start + prompt + decode))
+    ids = torch.randint(10, 1000, (1, prompt), generator=torch.Generator().manual_seed(seed + request))
+    return trace, ids, n_new
+
+
+@torch.no_grad()
+def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, new_tokens: int = 32,
+                        requests: int = 2, warm_tokens: int = 8, seed: int = 0, device: str = "cuda",
+                        store_path="artifacts/paper_scale/store.safetensors", dtype_name: str = "bfloat16",
+                        budget_s: float = 0.0, **shrink) -> dict[str, pd.DataFrame]:
+    """Resident and offloaded decode tokens/s of the paper-scale model replaying each stream.
+
+    `settings`: dicts with `tier` ("host" or "throttled"), `share`, `policy`, `sources` (stream names) and, for
+    the throttled tier, `gbps`. Every (setting, source, repeat) runs in one seeded random order; each run
+    reconfigures the one engine (an empty cache of `share` of the routed experts), warms it with
+    `warm_tokens` tokens of the stream's last request, then serves `requests` requests of `new_tokens` tokens,
+    the cache carried over. Resident runs come first, per source, the same way. With `budget_s`, no engine run
+    starts after that many seconds (the random order keeps what ran balanced); the table says how many ran."""
+    started = time.perf_counter()
+    device = torch.device(device)
+    lm = paper_scale_model(device, getattr(torch, dtype_name), **shrink)
+    info = moe.describe(lm)
+    n_routed = len(info.layers) * info.n_experts
+    sizes = costmodel.from_describe(info)
+    kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    rng = np.random.default_rng(seed)
+
+    def serve(generate, stream):
+        warm, ids, _ = _request_inputs(stream, len(stream.meta["requests"]) - 1, warm_tokens, seed)
+        with routing.replay_routing(lm, warm):
+            generate(ids, max_new_tokens=warm_tokens)
+        seconds, steps, rows = 0.0, 0, []
+        for request in range(requests):
+            trace, ids, n_new = _request_inputs(stream, request, new_tokens, seed)
+            with routing.replay_routing(lm, trace):
+                s, n, stats = generate(ids, max_new_tokens=n_new)
+            seconds, steps = seconds + s, steps + n
+            rows.append(stats)
+        return seconds, steps, rows
+
+    def resident_generate(ids, max_new_tokens):
+        times = []
+        hook = lm.register_forward_hook(lambda *a: times.append(time.perf_counter()))
+        try:
+            lm.generate(input_ids=ids.to(device), max_new_tokens=max_new_tokens, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        finally:
+            hook.remove()
+        return times[-1] - times[0], len(times) - 1, {}
+
+    # the resident baseline runs the fastest experts implementation transformers offers here, measured
+    speeds = {}
+    for name in ("eager", "batched_mm", "grouped_mm"):
+        try:
+            lm.set_experts_implementation(name)
+            serve(resident_generate, streams[next(iter(streams))])  # warm-up (compiles, allocates)
+            seconds, steps, _ = serve(resident_generate, streams[next(iter(streams))])
+            speeds[name] = steps / seconds
+        except (ValueError, KeyError, ImportError, RuntimeError, NotImplementedError):
+            continue
+    implementation = max(speeds, key=speeds.get)
+    lm.set_experts_implementation(implementation)
+    resident = []
+    for repeat, source in rng.permutation([(r, s) for r in range(repeats) for s in streams]).tolist():
+        seconds, steps, _ = serve(resident_generate, streams[source])
+        resident.append({"routing_source": source, "repeat": int(repeat), "tokens_per_s": steps / seconds,
+                         "experts_implementation": implementation})
+    resident = pd.DataFrame(resident)
+    resident_tps = resident.groupby("routing_source").tokens_per_s.median()
+
+    engine = OffloadEngine(lm, store_path, info.top_k, tier="host", verify=False)  # writes the store: just made
+    copy_gbps = engine.expert_bytes / measure_load_seconds(engine.store, device=device) / 1e9
+    stores = {("host", None): engine.store}
+    runs_, rows = [(dict(s), source, r) for s in settings for source in s["sources"] for r in range(repeats)], []
+    for index in rng.permutation(len(runs_)):
+        if budget_s and time.perf_counter() - started > budget_s:
+            print(f"budget of {budget_s:.0f} s reached after {len(rows)} of {len(runs_)} engine runs", flush=True)
+            break
+        setting, source, repeat = runs_[index]
+        tier, gbps = setting["tier"], setting.get("gbps")
+        if (tier, gbps) not in stores:
+            stores[(tier, gbps)] = ExpertStore(store_path, tier, gbps, device, verify=False)
+        engine.store, engine.tier = stores[(tier, gbps)], tier
+        capacity = int(max(info.top_k, round(setting["share"] * n_routed)))
+        engine.reconfigure(capacity, setting["policy"], mode="disaggregated")
+
+        def engine_generate(ids, max_new_tokens):
+            out, stats = engine.generate(ids.to(device), max_new_tokens=max_new_tokens, **kwargs)
+            return stats["decode_s"], stats["new_tokens"] - 1, stats
+
+        seconds, steps, stats = serve(engine_generate, streams[source])
+        frame = pd.DataFrame(stats)
+        misses = frame.decode_misses.sum() / steps
+        load_s = 1 / (copy_gbps * 1e9) if tier == "host" else 1 / (gbps * 1e9)
+        floor = 1 / resident_tps[source]
+        rows.append({"routing_source": source, "tier": tier, "io_gbps": copy_gbps if tier == "host" else gbps,
+                     "share": setting["share"], "capacity": capacity, "policy": setting["policy"],
+                     "mode": "disaggregated", "prefetch": False, "repeat": repeat, "tokens_per_s": steps / seconds,
+                     "resident_tokens_per_s": resident_tps[source],
+                     "hit_rate": frame.decode_hits.sum() / (frame.decode_hits.sum() + frame.decode_misses.sum()),
+                     "misses_per_token": misses,
+                     "limit_tokens_per_s": 1 / (floor + misses * engine.expert_bytes * load_s),
+                     "load_share": frame.decode_load_seconds.sum() / frame.decode_s.sum(),
+                     "load_gbps": frame.decode_bytes_read.sum() / max(frame.decode_load_seconds.sum(), 1e-12) / 1e9,
+                     "expert_mb": engine.expert_bytes / 1e6,
+                     "memory_gb": (info.resident_bytes + engine.pool_bytes) / 1e9, "decode_steps": steps})
+    measured = pd.DataFrame(rows)
+    measured["of_limit"] = measured.tokens_per_s / measured.limit_tokens_per_s
+    measured["of_resident"] = measured.tokens_per_s / measured.resident_tokens_per_s
+    return {"measurements": measured, "resident": resident,
+            "meta": pd.DataFrame([{"experts_implementation": implementation, "implementation_tokens_per_s": speeds,
+                                   "copy_gbps": copy_gbps,
+                                   "expert_bytes": engine.expert_bytes, "routed_experts": n_routed,
+                                   "resident_bytes": info.resident_bytes, "layers": len(info.layers),
+                                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}]),
+            "sizes": sizes}
+
+
+def paper_scale_saved(measured: pd.DataFrame, baseline: str = "lora_control", candidate: str = "cfmoe",
+                      resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Memory CFMoE needs at the tokens/s the control reaches at each share (medians over repeats), per tier
+    and policy, with a bootstrap 95% interval over repeats."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for (tier, policy), group in measured.groupby(["tier", "policy"], sort=False):
+        pair = group[group.routing_source.isin([baseline, candidate])]
+        if pair.routing_source.nunique() < 2:
+            continue
+        shares = sorted(set(pair[pair.routing_source == baseline].share) & set(pair[pair.routing_source == candidate].share))
+
+        samples = {key: g.tokens_per_s.to_numpy() for key, g in pair.groupby(["routing_source", "share"])}
+        memory = pair.groupby(["routing_source", "share"]).memory_gb.first()
+
+        def saved(medians: dict) -> pd.DataFrame:
+            curves = {run: pd.DataFrame([{"share": share, "tokens_per_s": medians[(run, share)],
+                                          "memory_gb": memory[(run, share)]} for share in shares])
+                      for run in (baseline, candidate)}
+            return costmodel.saved_at_levels(curves[baseline], curves[candidate], shares, column="share")
+
+        point = saved({key: np.median(v) for key, v in samples.items()})
+        boots = np.array([saved({key: np.median(rng.choice(v, len(v))) for key, v in samples.items()})
+                          .memory_saved.to_numpy() for _ in range(resamples)], dtype=float)
+        point["saved_low"] = np.nanpercentile(boots, 2.5, axis=0)
+        point["saved_high"] = np.nanpercentile(boots, 97.5, axis=0)
+        point.insert(0, "tier", tier)
+        point.insert(1, "policy", policy)
+        out.append(point)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def paper_scale_results(cfg: StudyConfig) -> dict | None:
+    """The committed paper-scale measurements (results/05_serving/paper_scale/, from scripts/paper_scale.py on
+    a GPU), memory saved with intervals and the goals' verdicts; None when they have not been measured."""
+    folder = cfg.results_dir(NOTEBOOK) / PAPER_SCALE
+    files = sorted(folder.glob("measurements_*.csv"))
+    if not files:
+        return None
+    measured = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    machine = pd.concat([pd.read_csv(f) for f in sorted(folder.glob("machine_*.csv"))], ignore_index=True)
+    medians = measured.groupby(["routing_source", "tier", "policy", "share"]).agg(
+        tokens_per_s=("tokens_per_s", "median"), q1=("tokens_per_s", lambda v: v.quantile(0.25)),
+        q3=("tokens_per_s", lambda v: v.quantile(0.75)), resident_tokens_per_s=("resident_tokens_per_s", "first"),
+        hit_rate=("hit_rate", "median"), misses_per_token=("misses_per_token", "median"),
+        limit_tokens_per_s=("limit_tokens_per_s", "median"), of_limit=("of_limit", "median"),
+        of_resident=("of_resident", "median"), load_share=("load_share", "median"), repeats=("repeat", "nunique"),
+        expert_mb=("expert_mb", "first")).reset_index()
+    host = medians[(medians.tier == "host") & (medians.policy == "lru")]
+    half = host[(host.routing_source == "cfmoe") & (host.share == claims.PAPER_SCALE_HALF_SHARE)].of_resident
+    of_copy = measured[measured.tier == "host"].load_gbps.median() / machine.copy_gbps.median()
+    verdicts = [claims.OF_RESIDENT_AT_HALF.verdict(float(half.iloc[0]) if len(half) else float("nan"), signed=False),
+                claims.OF_LIMIT.verdict(float(medians.of_limit.min()), signed=False),
+                claims.OF_COPY_BANDWIDTH.verdict(float(of_copy), signed=False)]
+    return {"measured": measured, "medians": medians, "saved": paper_scale_saved(measured), "machine": machine,
+            "verdicts": verdicts}
 
 
 def figures(cfg: StudyConfig, results: dict) -> None:

@@ -1,0 +1,79 @@
+"""Notebook 05's paper-scale section, on a GPU: a model of DeepSeek-MoE-16B's size (random weights) replaying the
+study's routing, resident and through the offloading engine; writes results/05_serving/paper_scale/.
+
+    python scripts/paper_scale.py export                 # here: the study's streams -> artifacts/cpu/paper_scale/
+    python scripts/paper_scale.py measure --grid host    # on the GPU (carry artifacts/cpu/paper_scale)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cfmoe import claims, routing  # noqa: E402
+from cfmoe.cli import user_errors  # noqa: E402
+from cfmoe.config import load_config  # noqa: E402
+from cfmoe.provenance import save_table  # noqa: E402
+from cfmoe.stages import serving  # noqa: E402
+
+STREAMS = ROOT / "artifacts" / "cpu" / "paper_scale"
+EMULATED = claims.EDGE_DEVICES["cpu"][1]  # the authors' flash, GB/s: an emulated (sleep-throttled) tier
+GRIDS = {
+    # every share for the three routing sources under LRU, LFU at two shares, on pinned host memory
+    "host": [{"tier": "host", "share": s, "policy": "lru", "sources": serving.STREAM_RUNS}
+             for s in (0.0625, 0.25, 0.5, 0.75)]
+            + [{"tier": "host", "share": s, "policy": "lfu", "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
+    "emulated": [{"tier": "throttled", "gbps": EMULATED, "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")}
+                 for s in (0.25, 0.5, 0.75)],
+    "smoke": [{"tier": "host", "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
+}
+
+
+@user_errors("scripts/paper_scale.py")
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["export", "measure"])
+    parser.add_argument("--grid", choices=list(GRIDS), default="host")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "results" / "05_serving" / serving.PAPER_SCALE))
+    parser.add_argument("--store", default="/tmp/cfmoe_paper_scale.safetensors")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (CPU tests)")
+    parser.add_argument("--budget-s", type=float, default=0.0, help="start no engine run after this many seconds")
+    args = parser.parse_args(argv)
+    cfg = load_config("cpu")
+    if args.action == "export":
+        print(serving.export_streams(cfg, STREAMS))
+        return
+    streams = {path.stem: routing.read_trace(path) for path in sorted(STREAMS.glob("*.npz"))}
+    if not streams:
+        raise ValueError(f"no streams in {STREAMS}: run `python scripts/paper_scale.py export` first")
+    shrink = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+              "vocab_size": 1024} if args.tiny else {}
+    started = time.perf_counter()
+    out = serving.paper_scale_measure(streams, GRIDS[args.grid], repeats=args.repeats, new_tokens=args.new_tokens,
+                                      requests=args.requests, device=args.device, store_path=args.store,
+                                      dtype_name="float32" if args.tiny else "bfloat16", budget_s=args.budget_s,
+                                      **shrink)
+    folder = Path(args.out)
+    extra = {"grid": args.grid, "repeats": args.repeats, "new_tokens": args.new_tokens, "requests": args.requests,
+             "seconds": round(time.perf_counter() - started, 1), "sizes": vars(out["sizes"]),
+             "layer_map": "stand-in MoE layer floor(l * 6 / 27) for paper MoE layer l (routing.default_layer_map)"}
+    save_table(out["measurements"], folder / f"measurements_{args.grid}", cfg, **extra)
+    save_table(out["resident"], folder / f"resident_{args.grid}", cfg, **extra)
+    save_table(out["meta"], folder / f"machine_{args.grid}", cfg, **extra)
+    print(json.dumps(extra["seconds"]), out["measurements"].groupby(["routing_source", "tier", "policy", "share"])
+          .tokens_per_s.median().to_string())
+
+
+if __name__ == "__main__":
+    main()
