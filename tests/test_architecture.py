@@ -125,3 +125,12 @@ def test_paper_numbers_and_targets_live_in_claims_only():
     assert set(where) == PAPER_NUMBERS - {0.358}, "claims.py holds each paper number (0.358 is derived)"
     elsewhere = {value: sorted(names - {"cfmoe.claims"}) for value, names in where.items() if names != {"cfmoe.claims"}}
     assert not elsewhere, f"paper numbers outside cfmoe.claims: {elsewhere}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_prose_quotes_no_paper_number(notebook):
+    """Prose names the claims (`claims.PAPER_MEMORY_SAVED`); the printed verdicts give the numbers."""
+    text = "".join("".join(c["source"]) for c in json.loads(notebook.read_text())["cells"])
+    quoted = [n for n in ("0.3255", "0.442", "0.326", "35.7%", "35.8%", "4.866", "1408", "2048", "4.5 GB/s")
+              if n in text]
+    assert not quoted, f"{notebook.name} quotes {quoted}"
