@@ -64,6 +64,13 @@ def request_traces(lm, requests: list[dict], pad_id: int, batch_size: int = 8) -
     return traces
 
 
+def _in_order(table: pd.DataFrame, orders: dict) -> pd.DataFrame:
+    """Rows sorted stably by each column's given order of values (the order the simulations were listed in)."""
+    rank = {column: table[column].map({value: i for i, value in enumerate(values)}) for column, values in orders.items()}
+    return table.assign(**{f"_{c}": r for c, r in rank.items()}).sort_values(
+        [f"_{c}" for c in orders], kind="stable").drop(columns=[f"_{c}" for c in orders]).reset_index(drop=True)
+
+
 def capacity_grid(n_routed: int, points: int, shares) -> np.ndarray:
     """Capacities at i/points of the routed experts (i = 1..points) plus those of the throughput levels."""
     grid = np.rint(np.linspace(0, n_routed, points + 1)[1:]).astype(int)
@@ -190,15 +197,31 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     levels = level_capacities(n_routed, cc.cached_shares) / n_routed  # shares of whole experts
     capacities = capacity_grid(n_routed, cc.capacity_points, cc.cached_shares)
     per_layer_caps = np.unique(np.rint(capacities / n_layers).astype(int).clip(1, n_experts))
-    curves = hit_rate_curves(traces, n_experts, n_layers, top_k, capacities, per_layer_caps, cc.policies)
+    # simulations are memoized per (run's traces, policy, settings, simulator source): see runs.memoized_table
+    names = {run: runs.trace_dir(cfg, NOTEBOOK, run, lm, settings).name for run, lm in models.items()}
+    code = (cache, serving_sim, costmodel)
+
+    def per_run_policy(name, policies, compute, extra):
+        frames = [runs.memoized_table(cfg, NOTEBOOK, f"{name}-{run}-{policy}",
+                                      {"traces": names[run], "policy": policy, **extra},
+                                      lambda run=run, policy=policy: compute(run, policy), code, force)
+                  for run in traces for policy in policies]
+        return pd.concat(frames, ignore_index=True)
+
+    curves = per_run_policy("hit_rate_curves", cc.policies, lambda run, policy: hit_rate_curves(
+        {run: traces[run]}, n_experts, n_layers, top_k, capacities, per_layer_caps, [policy]),
+        {"capacities": capacities, "per_layer": per_layer_caps})
+    curves = _in_order(curves, {"run": list(traces), "scope": ["global", "per_layer"], "policy": list(cc.policies)})
 
     own = costmodel.from_describe(info)
     paper = costmodel.deepseek_moe_16b(cc.bits_per_param)
     # the serving grid is coarse, with three extra points at the low end, where a local model needs little
     low = np.rint(n_routed * np.arange(1, 4) / (4 * cc.serving_points)).astype(int).clip(1)
     serving_caps = np.union1d(capacity_grid(n_routed, cc.serving_points, cc.cached_shares), low)
-    serving = serving_modes(traces, n_experts, serving_caps, cc.serving_policies, cc.batch_sizes, own,
-                            costmodel.PROFILES["cpu"])
+    serving = per_run_policy("serving_modes", cc.serving_policies, lambda run, policy: serving_modes(
+        {run: traces[run]}, n_experts, serving_caps, [policy], cc.batch_sizes, own, costmodel.PROFILES["cpu"]),
+        {"capacities": serving_caps, "batches": list(cc.batch_sizes), "sizes": vars(own)})
+    serving = _in_order(serving, {"run": list(traces), "batch": list(cc.batch_sizes), "policy": list(cc.serving_policies)})
     throughput = {s.name: throughput_curves(curves, s, n_routed) for s in (paper, own)}
     saved = {name: pd.concat([memory_saved(tp, levels, ("lora_control", p), ("cfmoe", p))
                               for p in cc.policies], ignore_index=True) for name, tp in throughput.items()}

@@ -147,3 +147,29 @@ def test_evaluation(cfg: StudyConfig, stage: str, run: str, lm, tokenizer, block
     settings = {"kind": "test_locality", "input_ids": blocks["input_ids"], "batch_size": batch_size}
     trace, = cached_traces(cfg, stage, run, lm, settings, compute, force)
     return evaluate.locality(trace.meta["perplexity"], trace.experts, blocks)
+
+
+def _source_digest(modules) -> str:
+    import inspect
+
+    return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()[:16]
+
+
+def memoized_table(cfg: StudyConfig, stage: str, name: str, key: dict, compute: Callable[[], "pd.DataFrame"],
+                   code=(), force: bool = False):
+    """A table derived from traces (a cache simulation's result), computed once per `key` and per the source of
+    the modules in `code` that compute it, then read back (parquet, exact): re-running an analysis that did not
+    change costs a file read, a new policy only its own simulation. `key` must name the traces it reads
+    (`trace_dir(...).name`) and every setting."""
+    import pandas as pd
+
+    digest = hashlib.sha256(f"{_settings_digest(key)}|{_source_digest(code)}".encode()).hexdigest()[:16]
+    path = cfg.artifacts_dir / "tables" / stage / f"{name}-{digest}.parquet"
+    if not force and path.is_file():
+        return pd.read_parquet(path)
+    table = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    table.to_parquet(partial, index=False)
+    partial.replace(path)
+    return table
