@@ -113,3 +113,27 @@ def test_a_killed_stage_leaves_its_results_folder_as_it_was(tmp_path):
     with staged_folder(folder):
         pass
     assert not list(folder.parent.glob(".smoke.*.tmp")), "the next writer sweeps a killed writer's leftovers"
+
+
+def test_memoized_tables_are_exact_and_keyed_by_inputs_and_code(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from cfmoe import cache, metrics
+
+    monkeypatch.setenv("CFMOE_ARTIFACTS", str(tmp_path))
+    cfg = load_config("smoke")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"policy": ["lru", "lfu"], "hit_rate": [1 / 3, 2 / 7], "capacity": [4, 8]})
+
+    first = runs.memoized_table(cfg, "s", "curves", {"traces": "base-abc"}, compute, code=(cache,))
+    again = runs.memoized_table(cfg, "s", "curves", {"traces": "base-abc"}, compute, code=(cache,))
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(first, again, check_dtype=False)
+    assert again.hit_rate.tolist() == [1 / 3, 2 / 7]  # exact floats
+    runs.memoized_table(cfg, "s", "curves", {"traces": "base-def"}, compute, code=(cache,))
+    runs.memoized_table(cfg, "s", "curves", {"traces": "base-abc"}, compute, code=(cache, metrics))
+    runs.memoized_table(cfg, "s", "curves", {"traces": "base-abc"}, compute, code=(cache,), force=True)
+    assert len(calls) == 4  # other traces, other simulator source, force
