@@ -48,6 +48,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def replaced_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty sibling of `folder` to fill; when the block succeeds it replaces `folder` whole (the old one
+    moved aside first and removed last), else it is dropped: `folder` is never half-written."""
+    folder = Path(folder)
+    partial, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        partial.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging folder; when the block succeeds, move every file written there into `folder`
     (replacing files of the same name), else drop it: a failed or killed writer leaves `folder` as it was.

@@ -150,6 +150,7 @@ class OffloadEngine:
             write_store(model, store_path)
         self.device = next(model.parameters()).device
         self.store = ExpertStore(store_path, tier, bandwidth_gbps, self.device, verify=verify)
+        self._stores = {(tier, bandwidth_gbps): self.store}  # tiers opened on this store, by (tier, GB/s)
         self._check_store(fingerprint=not write)
         # the grouped/batched expert kernels scan every expert id, i.e. every slot of the pool (+50% per token
         # measured here at 384 slots); the eager loop touches only the slots a call uses
@@ -166,10 +167,16 @@ class OffloadEngine:
         self._hook = model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
 
     def reconfigure(self, capacity: int, policy: str = "lru", scope: str = "global", mode: str = "disaggregated",
-                    prefetch: bool = False) -> None:
-        """A new budget, policy, scope, mode or prefetch setting for the same model and store: an empty cache
-        and a freshly allocated slot pool (the old one is freed first), so one engine serves a whole sweep."""
+                    prefetch: bool = False, tier: str | None = None, bandwidth_gbps: float | None = None) -> None:
+        """A new budget, policy, scope, mode, prefetch setting or slow tier for the same model and store: an
+        empty cache and a freshly allocated slot pool (the old one is freed first), so one engine serves a whole
+        sweep. A tier is opened once on the same store file (unverified: it was checked when first opened)."""
         self._check_settings(capacity, policy, scope, mode)
+        if tier is not None:
+            key = (tier, bandwidth_gbps)
+            if key not in self._stores:
+                self._stores[key] = ExpertStore(self.store.path, tier, bandwidth_gbps, self.device, verify=False)
+            self.store, self.tier = self._stores[key], tier
         info = self.info
         n_layers, n_experts = len(info.layers), info.n_experts
         if getattr(self, "_pending", None) is not None:

@@ -181,9 +181,10 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     requests = request_inputs(tokenizer, cc.requests, cc.decode_tokens, max_positions)
     settings = {"kind": "requests", "requests": [r["prompt"] + [-1] + r["decode"] for r in requests],
                 "batch_size": cfg.eval.batch_size}
-    traces = {run: runs.cached_traces(cfg, NOTEBOOK, run, lm, settings, force=force,
-                                      compute=lambda lm=lm: request_traces(lm, requests, tokenizer.pad_token_id,
-                                                                           cfg.eval.batch_size))
+    folders = {run: runs.trace_dir(cfg, NOTEBOOK, run, lm, settings) for run, lm in models.items()}
+    traces = {run: runs.traces_in(folders[run], force=force,
+                                  compute=lambda lm=lm: request_traces(lm, requests, tokenizer.pad_token_id,
+                                                                       cfg.eval.batch_size))
               for run, lm in models.items()}
 
     summary = pd.DataFrame([{
@@ -198,12 +199,11 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     capacities = capacity_grid(n_routed, cc.capacity_points, cc.cached_shares)
     per_layer_caps = np.unique(np.rint(capacities / n_layers).astype(int).clip(1, n_experts))
     # simulations are memoized per (run's traces, policy, settings, simulator source): see runs.memoized_table
-    names = {run: runs.trace_dir(cfg, NOTEBOOK, run, lm, settings).name for run, lm in models.items()}
     code = (cache, serving_sim, costmodel)
 
     def per_run_policy(name, policies, compute, extra):
         frames = [runs.memoized_table(cfg, NOTEBOOK, f"{name}-{run}-{policy}",
-                                      {"traces": names[run], "policy": policy, **extra},
+                                      {"traces": folders[run].name, "policy": policy, **extra},
                                       lambda run=run, policy=policy: compute(run, policy), code, force)
                   for run in traces for policy in policies]
         return pd.concat(frames, ignore_index=True)

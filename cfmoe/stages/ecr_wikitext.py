@@ -49,6 +49,23 @@ def generate_entries(lm, tokenizer, prompts: list[str], settings: dict, max_new_
     return traces
 
 
+def entries(cfg: StudyConfig):
+    """The first `ecr.entries` WikiText-2 test entries (title, prompt, target)."""
+    task = data.entry_task("test")
+    return task.select(range(min(cfg.ecr.entries, len(task))))
+
+
+def generated_traces(cfg: StudyConfig, run: str, lm, tokenizer, prompts: list[str], decoding: str,
+                     force: bool = False) -> list[routing.RoutingTrace]:
+    """`generate_entries` of one model and decoding, recorded once (`runs.cached_traces`) and read back after."""
+    e, settings = cfg.ecr, decoding_settings(cfg)[decoding]
+    key = {"kind": "generate", "prompts": prompts, "decoding": settings, "max_new_tokens": e.max_new_tokens,
+           "batch_size": e.batch_size, "seed": cfg.seed}
+    return runs.cached_traces(cfg, NOTEBOOK, f"{run}-{decoding}", lm, key, force=force,
+                              compute=lambda: generate_entries(lm, tokenizer, prompts, settings, e.max_new_tokens,
+                                                               e.batch_size, cfg.seed))
+
+
 def sample_rows(traces, tokenizer, titles, prompts, run: str, decoding: str):
     """One row per generated sample, and per-layer decode ECR rows."""
     rows, per_layer = [], []
@@ -87,19 +104,14 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     e = cfg.ecr
     models, tokenizer = runs.load_runs(cfg)
     info = moe.describe(models["base"])
-    task = data.entry_task("test")
-    task = task.select(range(min(e.entries, len(task))))
+    task = entries(cfg)
     titles, prompts, targets = list(task["title"]), list(task["prompt"]), list(task["target"])
     max_positions = models["base"].config.max_position_embeddings
 
     rows, per_layer, quality = [], [], []
     for run, lm in models.items():
-        for decoding, settings in decoding_settings(cfg).items():
-            key = {"kind": "generate", "prompts": prompts, "decoding": settings, "max_new_tokens": e.max_new_tokens,
-                   "batch_size": e.batch_size, "seed": cfg.seed}
-            traces = runs.cached_traces(cfg, NOTEBOOK, f"{run}-{decoding}", lm, key, force=force,
-                                        compute=lambda: generate_entries(lm, tokenizer, prompts, settings,
-                                                                         e.max_new_tokens, e.batch_size, cfg.seed))
+        for decoding in decoding_settings(cfg):
+            traces = generated_traces(cfg, run, lm, tokenizer, prompts, decoding, force)
             r, p = sample_rows(traces, tokenizer, titles, prompts, run, decoding)
             rows += r
             per_layer += p

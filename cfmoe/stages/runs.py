@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,7 @@ import torch
 
 from .. import evaluate, model, moe, routing
 from ..config import STAGING, StudyConfig
-from ..provenance import staged_folder, write_json_atomic
+from ..provenance import replaced_folder, staged_folder, write_json_atomic
 
 FINETUNE_RUNS = ("base", "lora_control", "cfmoe", "cfmoe_daft")
 
@@ -67,18 +66,11 @@ def save_finetuned(cfg: StudyConfig, run: str, tuned, tokenizer):
 
     The folder is written whole: into a `.partial` sibling, then renamed into place (the old one renamed aside
     first and removed last), so a killed save leaves the previous complete folder, never a half-written one."""
-    out = finetuned_dir(cfg, run)
-    partial, old = out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")
-    shutil.rmtree(partial, ignore_errors=True)
-    tuned.save_pretrained(partial / "adapter")
-    merged = tuned.merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
-    merged.save_pretrained(partial / "merged")
-    tokenizer.save_pretrained(partial / "merged")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    partial.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with replaced_folder(finetuned_dir(cfg, run)) as partial:
+        tuned.save_pretrained(partial / "adapter")
+        merged = tuned.merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
+        merged.save_pretrained(partial / "merged")
+        tokenizer.save_pretrained(partial / "merged")
     return merged
 
 
@@ -111,24 +103,21 @@ def trace_dir(cfg: StudyConfig, stage: str, run: str, lm: torch.nn.Module, setti
 
 def cached_traces(cfg: StudyConfig, stage: str, run: str, lm: torch.nn.Module, settings: dict,
                   compute: Callable[[], list[routing.RoutingTrace]], force: bool = False) -> list[routing.RoutingTrace]:
-    """`compute()`'s traces, recorded once per (model, settings) and read back from files afterwards.
+    """`compute()`'s traces, recorded once per (model, settings) and read back from files afterwards."""
+    return traces_in(trace_dir(cfg, stage, run, lm, settings), compute, force)
 
-    The folder is written whole (a `.partial` sibling renamed into place), so a killed run leaves no half set."""
-    folder = trace_dir(cfg, stage, run, lm, settings)
+
+def traces_in(folder: Path, compute: Callable[[], list[routing.RoutingTrace]], force: bool = False):
+    """The traces saved in `folder` (a `trace_dir`), else `compute()`'s, saved there whole (`replaced_folder`)."""
     index = folder / "index.json"
     if not force and index.is_file():
         n = json.loads(index.read_text())["traces"]
         return [routing.RoutingTrace.load(folder / f"{i:05d}.npz") for i in range(n)]
     traces = compute()
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for i, trace in enumerate(traces):
-        trace.save(partial / f"{i:05d}.npz")
-    write_json_atomic(partial / "index.json", {"traces": len(traces), "run": run, "stage": stage,
-                                                "model": moe.weights_fingerprint(lm)[:16], "settings": _settings_digest(settings)})
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    with replaced_folder(folder) as partial:
+        for i, trace in enumerate(traces):
+            trace.save(partial / f"{i:05d}.npz")
+        write_json_atomic(partial / "index.json", {"traces": len(traces)})
     return traces
 
 

@@ -26,7 +26,7 @@ from ..determinism import make_deterministic
 from ..present import plots
 from ..provenance import save_figure, save_table
 from ..serving import ExpertStore, OffloadEngine, measure_load_seconds, reset_cuda_peak, write_store
-from . import runs
+from . import ecr_wikitext, runs
 
 NOTEBOOK = "05_serving"
 
@@ -302,20 +302,10 @@ def export_streams(cfg: StudyConfig, out_dir) -> dict[str, Path]:
     one replayable `RoutingTrace` (`meta['requests']`: [prompt tokens, decode tokens] per request), written to
     `out_dir/<run>.npz`: the routing the paper-scale model replays."""
     models, tokenizer = runs.load_runs(cfg)
-    e = cfg.ecr
-    task = data.entry_task("test")
-    prompts = list(task.select(range(min(e.entries, len(task))))["prompt"])
-    from .ecr_wikitext import decoding_settings, generate_entries
-
-    settings = decoding_settings(cfg)["sampled"]
-    key = {"kind": "generate", "prompts": prompts, "decoding": settings, "max_new_tokens": e.max_new_tokens,
-           "batch_size": e.batch_size, "seed": cfg.seed}
+    prompts = list(ecr_wikitext.entries(cfg)["prompt"])
     paths = {}
     for run in STREAM_RUNS:
-        lm = models[run]
-        traces = runs.cached_traces(cfg, "04_ecr_wikitext", f"{run}-sampled", lm, key,
-                                    compute=lambda: generate_entries(lm, tokenizer, prompts, settings, e.max_new_tokens,
-                                                                     e.batch_size, cfg.seed))
+        traces = ecr_wikitext.generated_traces(cfg, run, models[run], tokenizer, prompts, "sampled")
         joined = routing.RoutingTrace(np.concatenate([t.experts for t in traces]), None,
                                       np.concatenate([t.phase for t in traces]),
                                       np.concatenate([t.token_ids for t in traces]), traces[0].n_experts,
@@ -422,7 +412,6 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
 
     engine = OffloadEngine(lm, store_path, info.top_k, tier="host", verify=False)  # writes the store: just made
     copy_gbps = engine.expert_bytes / measure_load_seconds(engine.store, device=device) / 1e9
-    stores = {("host", None): engine.store}
     runs_, rows = [(dict(s), source, r) for s in settings for source in s["sources"] for r in range(repeats)], []
     for index in rng.permutation(len(runs_)):
         if budget_s and time.perf_counter() - started > budget_s:
@@ -430,11 +419,8 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
             break
         setting, source, repeat = runs_[index]
         tier, gbps = setting["tier"], setting.get("gbps")
-        if (tier, gbps) not in stores:
-            stores[(tier, gbps)] = ExpertStore(store_path, tier, gbps, device, verify=False)
-        engine.store, engine.tier = stores[(tier, gbps)], tier
         capacity = int(max(info.top_k, round(setting["share"] * n_routed)))
-        engine.reconfigure(capacity, setting["policy"], mode="disaggregated")
+        engine.reconfigure(capacity, setting["policy"], mode="disaggregated", tier=tier, bandwidth_gbps=gbps)
 
         def engine_generate(ids, max_new_tokens):
             out, stats = engine.generate(ids.to(device), max_new_tokens=max_new_tokens, **kwargs)
