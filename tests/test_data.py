@@ -54,6 +54,23 @@ def test_pretraining_corpus_has_both_sources_and_no_test_article():
     assert len(data.pretraining_corpus(max_documents=50)) == 50
 
 
+def test_study_splits_are_disjoint_whole_articles_and_validation_is_never_trained_on():
+    finetune, validation, test = (data.study_articles(s) for s in data.STUDY_SPLITS)
+    wikitext_validation = data.load_wikitext("validation")
+    assert len(finetune) + len(validation) == len(wikitext_validation)
+    assert len(validation) == len(wikitext_validation) // data.HELDOUT_EVERY
+    assert not set(finetune["text"]) & set(validation["text"])
+    assert not set(validation["text"]) & set(test["text"])
+    corpus = data.pretraining_corpus()
+    trained = {t for t, h in zip(corpus["text"], corpus["heldout"]) if not h}
+    assert not trained & set(validation["text"])
+    assert set(validation["text"]) <= {t for t, h in zip(corpus["text"], corpus["heldout"]) if h}
+    leads = [h for s, h in zip(corpus["source"], corpus["heldout"]) if s == "wiki-lead-sections"]
+    assert 0.015 < sum(leads) / len(leads) < 0.025  # heldout_fraction 0.02 of the lead sections
+    with pytest.raises(ValueError, match=r"unknown study split 'train'; valid splits are \['finetune', 'validation', 'test'\]"):
+        data.study_articles("train")
+
+
 def test_pack_blocks_records_document_boundaries():
     docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
     packed = data.pack_blocks(docs, block_size=4, eos_id=0)

@@ -70,20 +70,24 @@ def test_finetune_changes_routing_and_rejects_bad_input():
             finetune.finetune(tiny_moe("qwen2_moe"), blocks, ft, kind="js", weight=1.0, top_k=2, layers=layers)
 
 
-def test_never_finetunes_on_the_test_split():
-    with pytest.raises(ValueError, match="never fine-tune on the WikiText-2 test split"):
-        finetune.finetune_blocks(None, 64, split="test")
+def test_never_finetunes_on_the_test_or_validation_split():
+    for split in ("test", "validation"):
+        with pytest.raises(ValueError, match=f"never fine-tune on the '{split}' split"):
+            finetune.finetune_blocks(None, 64, split=split)
 
 
-def test_choice_is_best_ecr_within_the_perplexity_budget():
+def test_choice_is_best_validation_ecr_at_the_perplexity_budget():
     sweep = pd.DataFrame({
-        "run": ["base", "control", "a", "b", "c"], "kind": ["none", "none", "js", "js", "l2"],
-        "weight": [0, 0, 1, 3, 1], "test_ecr": [0.2, 0.25, 0.30, 0.40, 0.35],
-        "ppl_vs_control": [0.0, 0.0, 0.001, 0.05, 0.015]})
+        "run": ["base", "control", "js@1", "js@3", "l2@1"], "kind": ["none", "none", "js", "js", "l2"],
+        "weight": [0.0, 0.0, 1.0, 3.0, 1.0], "seed": [None, 0, 0, 0, 0],
+        "val_ppl": [101.0, 100.0, 100.1, 105.0, 101.5], "val_ecr": [0.2, 0.25, 0.30, 0.40, 0.35]})
+    # js crosses the budget between 1 and 3: ECR 0.339 there; l2 stays within it with 0.35
     choice = router_design.choose_locality_loss(sweep, 0.02)
-    assert (choice["run"], choice["within_budget"]) == ("c", True)
-    fallback = router_design.choose_locality_loss(sweep.assign(ppl_vs_control=[0, 0, 0.03, 0.05, 0.04]), 0.02)
-    assert (fallback["run"], fallback["within_budget"]) == ("a", False)
+    assert (choice["run"], choice["within_budget"], choice["selected_on"]) == ("l2@1", True, "validation")
+    assert router_design.match_at_budget(sweep, 0.02).val_ecr_at_budget[0] == pytest.approx(0.30 + 0.1 * 19 / 49)
+    over = sweep.assign(val_ppl=[100.0, 100.0, 103.0, 105.0, 104.0])
+    fallback = router_design.choose_locality_loss(over, 0.02)
+    assert (fallback["run"], fallback["within_budget"], fallback["interpolated"]) == ("js@1", False, False)
 
 
 def _finetune_cli(args, nproc=1, timeout=600):

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import metrics, model, moe
+from .. import claims, metrics, model, moe
 from ..config import StudyConfig
 from ..determinism import make_deterministic
 from ..present import plots
@@ -49,20 +49,54 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict[str, pd.DataFrame]:
                    if build else None),
         "best_heldout_loss": build.get("best_heldout_loss"),
     }])
+    log = pd.DataFrame(model.training_log(runs.model_dir(cfg)))
+    summary["test_ecr_over_k_e"] = summary.test_ecr / summary.k_over_E
+    summary["last_tenth_gain"] = last_tenth_gain(log)
     per_layer = pd.DataFrame({
-        "moe_layer": np.arange(len(ratio)), "max_load_ratio": ratio,
+        "moe_layer": np.arange(len(ratio)), "ecr": test["per_layer_ecr"],
+        "ecr_over_k_e": test["per_layer_ecr"] / (info.top_k / info.n_experts), "max_load_ratio": ratio,
         "min_load_ratio": load.min(axis=1) / (info.top_k / info.n_experts),
         "load_cv": load.std(axis=1) / load.mean(axis=1),
     })
     loads = pd.DataFrame(load, columns=[f"e{i}" for i in range(info.n_experts)]).assign(moe_layer=range(len(load)))
-    log = pd.DataFrame(model.training_log(runs.model_dir(cfg)))
     extra = {"eval_seconds": round(eval_seconds, 1)}
+    real = standin_vs_real(per_layer.ecr.to_numpy(), float(summary.test_ecr.iloc[0]), info.top_k / info.n_experts)
+    save_table(real, out / "standin_vs_real", cfg, reference=claims.REAL_ROUTING)
     save_table(summary, out / "base_model", cfg, **extra)
     save_table(per_layer, out / "expert_load_per_layer", cfg)
     save_table(loads, out / "expert_load", cfg)
     if not log.empty:
         save_table(log, out / "training_log", cfg)
-    return {"summary": summary, "per_layer": per_layer, "load": load, "training_log": log, "info": info}
+    return {"summary": summary, "per_layer": per_layer, "load": load, "training_log": log, "info": info,
+            "standin_vs_real": real}
+
+
+def last_tenth_gain(log: pd.DataFrame) -> float:
+    """Relative held-out loss gained over the last tenth of pre-training: from the last evaluation at or before
+    90% of the steps to the best at the end (nan without evaluations there)."""
+    if log.empty or "eval_loss" not in log:
+        return float("nan")
+    evals = log.dropna(subset=["eval_loss"])
+    steps = log.step.max()
+    before = evals[evals.step <= 0.9 * steps]
+    if before.empty:
+        return float("nan")
+    start = before.eval_loss.iloc[-1]
+    return float((start - evals.eval_loss.min()) / start)
+
+
+def standin_vs_real(per_layer_ecr: np.ndarray, pooled_ecr: float, k_over_e: float) -> pd.DataFrame:
+    """Our base model's routing locality beside real DeepSeek-V2-Lite routing (`claims.REAL_ROUTING`): pooled
+    ECR / (k/E), and the per-layer profile's first, peak and last layer."""
+    real = claims.REAL_ROUTING
+    real_k_over_e = real["ecr"] / real["ecr_over_k_over_e"]
+    rows = [("pooled ECR / (k/E)", pooled_ecr / k_over_e, real["ecr_over_k_over_e"]),
+            ("first MoE layer ECR / (k/E)", per_layer_ecr[0] / k_over_e, real["first_layer_ecr"] / real_k_over_e),
+            ("peak layer ECR / (k/E)", per_layer_ecr.max() / k_over_e, real["peak_layer_ecr"] / real_k_over_e),
+            ("last MoE layer ECR / (k/E)", per_layer_ecr[-1] / k_over_e, real["last_layer_ecr"] / real_k_over_e),
+            ("peak layer's relative depth", float(np.argmax(per_layer_ecr)) / max(1, len(per_layer_ecr) - 1),
+             float("nan"))]
+    return pd.DataFrame(rows, columns=["measure", "ours", real["model"]])
 
 
 def figures(cfg: StudyConfig, results: dict) -> None:
@@ -71,6 +105,7 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     if not results["training_log"].empty:
         save_figure(plots.training_curve(results["training_log"], results["info"].top_k), out / "training_curve", cfg)
     save_figure(plots.expert_load(results["load"], results["info"].top_k), out / "expert_load", cfg)
+    save_figure(plots.standin_profile(results["per_layer"]), out / "standin_profile", cfg)
 
 
 compute = runs.one_result_set(NOTEBOOK, _compute, figures)

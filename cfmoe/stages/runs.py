@@ -56,17 +56,19 @@ def model_dir(cfg: StudyConfig) -> str:
     return cfg.model_path or str(model.base_model_dir(cfg))
 
 
-def finetuned_dir(cfg: StudyConfig, run: str) -> Path:
-    """Where notebook 02 saves a run's adapter (`adapter/`) and merged model (`merged/`)."""
-    return cfg.artifacts_dir / "finetune" / run
+def finetuned_dir(cfg: StudyConfig, run: str, seed: int | None = None) -> Path:
+    """Where notebook 02 saves a run's adapter (`adapter/`) and merged model (`merged/`) for one seed (None: the
+    primary seed, `finetune.seeds[0]`, whose models notebooks 03-05 serve)."""
+    seed = cfg.finetune.seeds[0] if seed is None else seed
+    return cfg.artifacts_dir / "finetune" / run / f"seed{seed}"
 
 
-def save_finetuned(cfg: StudyConfig, run: str, tuned, tokenizer):
+def save_finetuned(cfg: StudyConfig, run: str, tuned, tokenizer, seed: int | None = None):
     """Save a run's LoRA adapter and its merged model (what notebooks 03-05 load); return the merged model.
 
     The folder is written whole: into a `.partial` sibling, then renamed into place (the old one renamed aside
     first and removed last), so a killed save leaves the previous complete folder, never a half-written one."""
-    with replaced_folder(finetuned_dir(cfg, run)) as partial:
+    with replaced_folder(finetuned_dir(cfg, run, seed)) as partial:
         tuned.save_pretrained(partial / "adapter")
         merged = tuned.merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
         merged.save_pretrained(partial / "merged")
@@ -74,12 +76,13 @@ def save_finetuned(cfg: StudyConfig, run: str, tuned, tokenizer):
     return merged
 
 
-def load_runs(cfg: StudyConfig) -> tuple[dict, object]:
-    """The base model and notebook 02's merged fine-tuned models, by run name, plus the tokenizer."""
+def load_runs(cfg: StudyConfig, seed: int | None = None) -> tuple[dict, object]:
+    """The base model and notebook 02's merged fine-tuned models of one seed (None: the primary seed), by run
+    name, plus the tokenizer."""
     lm, tokenizer = load_base(cfg)
     models = {"base": lm}
     for run in FINETUNE_RUNS[1:]:
-        path = finetuned_dir(cfg, run) / "merged"
+        path = finetuned_dir(cfg, run, seed) / "merged"
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is missing: run notebook 02 (fine-tuning) for preset "
                                     f"{cfg.preset!r} first")
@@ -122,18 +125,19 @@ def traces_in(folder: Path, compute: Callable[[], list[routing.RoutingTrace]], f
 
 
 def test_evaluation(cfg: StudyConfig, stage: str, run: str, lm, tokenizer, block_size: int, max_tokens: int = 0,
-                    force: bool = False) -> dict:
-    """`evaluate.test_locality` of one model, its routing trace (and perplexity, in the trace's meta) recorded once."""
-    blocks = evaluate.test_blocks(tokenizer, block_size, max_tokens)
+                    force: bool = False, split: str = "test") -> dict:
+    """`evaluate.test_locality` of one model on a study split (`data.STUDY_SPLITS`: "validation" for choices,
+    "test" for final numbers), its routing trace (and perplexity, in the trace's meta) recorded once."""
+    blocks = evaluate.test_blocks(tokenizer, block_size, max_tokens, split)
     batch_size = cfg.eval.batch_size
 
     def compute():
         ppl, experts = evaluate.record_test(lm, blocks, batch_size)
         tokens = blocks["input_ids"].reshape(-1)
         return [routing.RoutingTrace(experts, None, np.zeros(len(tokens), np.uint8), tokens, moe.describe(lm).n_experts,
-                                     {"perplexity": ppl, "source": "teacher-forced WikiText-2 test blocks"})]
+                                     {"perplexity": ppl, "source": f"teacher-forced WikiText-2 {split} blocks"})]
 
-    settings = {"kind": "test_locality", "input_ids": blocks["input_ids"], "batch_size": batch_size}
+    settings = {"kind": "test_locality", "split": split, "input_ids": blocks["input_ids"], "batch_size": batch_size}
     trace, = cached_traces(cfg, stage, run, lm, settings, compute, force)
     return evaluate.locality(trace.meta["perplexity"], trace.experts, blocks)
 
