@@ -56,6 +56,9 @@ for nb in notebooks/[0-9][0-9]_*.ipynb; do
   mv "$partial" "$executed/$name.ipynb"
   echo "$want" > "$stamp"
   echo "[done] $name in $(( $(date +%s) - started ))s"
+  python -m cfmoe.present.notebooks record-time "$tag" "$name" "$(( $(date +%s) - started ))"  # results/chain/
 done
 python -m cfmoe.present.report > /dev/null  # results/summary.md: the headline table, from the tables above
+# the committed study's executed notebooks, for readers (this machine's paths stripped)
+[ "$tag" = cpu ] && python -m cfmoe.present.notebooks publish "$executed" results/notebooks
 echo "[all ] study finished in $(( $(date +%s) - total_started ))s; results under results/"

@@ -87,16 +87,39 @@ class FinetuneConfig:
     daft_threshold: float = 0.7  # DAFT: fine-tune the MoE layers whose profiled ECR is below this (the authors' value)
     daft_quantile: float = 0.5  # used instead when the threshold selects every layer (small models sit below 0.7)
     eval_tokens: int = 32768  # WikiText-2 test tokens for each run's perplexity and ECR (0 = all)
+    seeds: tuple[int, ...] = (0, 1, 2)  # every fine-tuning run, once per seed (LoRA initialisation and data order)
+
+
+@dataclass(frozen=True)
+class StartWeights:
+    """Notebook 01's smallest weight per locality loss kind (`locality.LOSS_KINDS`). The losses' scales differ: at
+    the start of fine-tuning the cpu model's L2 term is ~0.006, JS ~0.03, top-k overlap ~0.1 and symmetric KL ~0.3,
+    and their gradients on the routers are 0.07x, 0.19x, 0.34x and 1.8x the LM loss's (notebook 01's
+    `loss_scales.csv`). The earlier 20-step sweep crossed the 2% budget near weight x gradient ratio = 1 (JS ~5,
+    top-k overlap ~3.5, symmetric KL ~0.6), so each grid starts at weight x ratio = 0.05-0.2 and its five
+    weights, half a decade apart, put that crossing mid-grid."""
+
+    l2: float = 3.0
+    skl: float = 0.03
+    js: float = 0.3
+    topk_overlap: float = 0.3
 
 
 @dataclass(frozen=True)
 class RouterDesignConfig:
-    """Notebook 01's sweep: short fine-tunes per locality loss kind and weight (plus a weight-0 control)."""
+    """Notebook 01's sweep: short fine-tunes per locality loss kind over log-spaced weights (plus a weight-0
+    control), scored on the study's validation text, extended per kind until the perplexity budget is bracketed."""
 
-    steps: int = 25  # each sweep run is a short version of notebook 02's fine-tuning
+    steps: int = 20  # each sweep run is a short version of notebook 02's fine-tuning
     kinds: tuple[str, ...] = ("l2", "skl", "js", "topk_overlap")
-    weights: tuple[float, ...] = (0.3, 3.0)
-    max_ppl_increase: float = claims.PPL_COST.bound  # the chosen loss: highest ECR within this of the control
+    start_weights: StartWeights = field(default_factory=StartWeights)
+    weights_per_decade: int = 2  # log spacing: 2 gives steps of x10^(1/2) = x3.16
+    min_weights: int = 5  # the grid every kind runs first: start x 10^(i/weights_per_decade), i < min_weights
+    max_weights: int = 8  # cap per kind, extensions included (up past the largest, or down past the smallest)
+    seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning seeds (LoRA init, data order), added to the study's seed: the
+    # control and each kind's two weights bracketing the budget run with all of them, the rest of the grid the first
+    eval_tokens: int = 16384  # validation tokens each run is scored on (0 = all the study's validation text)
+    max_ppl_increase: float = claims.PPL_COST.bound  # the budget: ECR is compared where perplexity crosses it
 
 
 @dataclass(frozen=True)
@@ -138,10 +161,14 @@ class ServingConfig:
     modes: tuple[str, ...] = ("unified", "disaggregated", "disaggregated_warm")
     prefetch: bool = True  # also measure LRU disaggregated with next-layer expert prefetch (on full_tier)
     tiers: tuple[str, ...] = ("direct", "throttled")
-    full_tier: str = "throttled"  # every policy, mode and prefetch runs here; other tiers run LRU unified/disaggregated
+    full_tier: str = "throttled"  # every policy, mode and prefetch runs here; other tiers run LRU in `partial_modes`
+    partial_modes: tuple[str, ...] = ("unified", "disaggregated")  # the tiers other than full_tier (unified needed:
+    # the cost model is calibrated on each tier's largest-budget unified run)
     throttle_gbps: float = claims.EDGE_DEVICES["cpu"][1]  # the authors' flash; 0 = scaled to this machine
     # (`cfmoe.stages.serving.scaled_bandwidth`)
     profile_mb: float = 64  # size of the memory/file bandwidth probe
+    repeats: int = 5  # timed runs of every setting (model in memory, engine run), all in one seeded random order
+    warmup_tokens: int = 8  # untimed tokens each timed run's engine (or in-memory model) generates first
 
 
 @dataclass(frozen=True)
@@ -291,7 +318,8 @@ def validate(cfg: StudyConfig, where: str = "config") -> None:
                 "cache.serving_points": cfg.cache.serving_points, "cache.decode_tokens": cfg.cache.decode_tokens,
                 "ecr.entries": cfg.ecr.entries, "ecr.max_new_tokens": cfg.ecr.max_new_tokens,
                 "ecr.batch_size": cfg.ecr.batch_size, "serving.requests": cfg.serving.requests,
-                "serving.new_tokens": cfg.serving.new_tokens}
+                "serving.new_tokens": cfg.serving.new_tokens, "serving.repeats": cfg.serving.repeats,
+                "serving.warmup_tokens": cfg.serving.warmup_tokens}
     for name, value in positive.items():
         if value < 1:
             _fail(where, name, value, "it must be >= 1")
@@ -347,10 +375,30 @@ def validate(cfg: StudyConfig, where: str = "config") -> None:
              "serving.policies": (cfg.serving.policies, serving.POLICIES),
              "serving.modes": (cfg.serving.modes, serving_sim.MODES),
              "serving.tiers": (cfg.serving.tiers, serving.TIERS),
-             "serving.full_tier": ((cfg.serving.full_tier,), cfg.serving.tiers)}
+             "serving.full_tier": ((cfg.serving.full_tier,), cfg.serving.tiers),
+             "serving.partial_modes": (cfg.serving.partial_modes, serving_sim.MODES)}
     for name, (given, valid) in names.items():
         unknown = [value for value in given if value not in valid]
         if unknown or not given:
             _fail(where, name, unknown[0] if unknown else list(given), f"valid: {', '.join(valid)}")
-    if any(w < 0 for w in cfg.router_design.weights) or not cfg.router_design.weights:
-        _fail(where, "router_design.weights", list(cfg.router_design.weights), "a non-empty list of weights >= 0")
+    if "unified" not in cfg.serving.partial_modes:
+        _fail(where, "serving.partial_modes", list(cfg.serving.partial_modes),
+              "it must include unified (the cost model's calibration run on each tier)")
+    if not cfg.finetune.seeds or any(s < 0 for s in cfg.finetune.seeds) or len(set(cfg.finetune.seeds)) < len(cfg.finetune.seeds):
+        _fail(where, "finetune.seeds", list(cfg.finetune.seeds), "a non-empty list of distinct seeds >= 0")
+    design = cfg.router_design
+    for kind in locality.LOSS_KINDS:
+        start = getattr(design.start_weights, kind)
+        if not 0 < start < float("inf"):
+            _fail(where, f"router_design.start_weights.{kind}", start, "a starting weight must be > 0 and finite "
+                                                                        "(weights are log-spaced)")
+    for name, value, low in (("weights_per_decade", design.weights_per_decade, 1), ("min_weights", design.min_weights, 2),
+                             ("max_weights", design.max_weights, design.min_weights)):
+        if value < low:
+            _fail(where, f"router_design.{name}", value, f"it must be >= {low}" + (
+                " (router_design.min_weights)" if name == "max_weights" else
+                " (two weights to bracket the budget)" if name == "min_weights" else ""))
+    if not design.seeds or any(s < 0 for s in design.seeds) or len(set(design.seeds)) < len(design.seeds):
+        _fail(where, "router_design.seeds", list(design.seeds), "a non-empty list of distinct seeds >= 0")
+    if design.eval_tokens < 0:
+        _fail(where, "router_design.eval_tokens", design.eval_tokens, "it must be >= 0 (0 = all the validation text)")

@@ -210,7 +210,8 @@ def test_save_finetuned_replaces_the_folder_whole(tmp_path, monkeypatch):
     out = runs.finetuned_dir(cfg, "cfmoe")
     assert isinstance(merged, torch.nn.Module) and not hasattr(merged, "merge_and_unload")
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "merged"]
-    assert [p.name for p in out.parent.iterdir()] == ["cfmoe"]  # no .partial left behind
+    assert out == tmp_path / "smoke" / "finetune" / "cfmoe" / f"seed{cfg.finetune.seeds[0]}"  # the primary seed
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no .partial left behind
     saved = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert any(p.name == "config.json" for p in saved) and any(p.name == "adapter_config.json" for p in saved)
 

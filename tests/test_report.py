@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cfmoe.present import readme as readme_blocks
 from cfmoe.present import report
 from cfmoe.stages import fine_tuning
 
@@ -26,8 +27,6 @@ def test_summary_cells_come_from_the_linked_tables(tmp_path):
                  {"run": "cfmoe_daft", "seed": seed, "test_ecr": d, "test_ppl": 100.5, "trainable_params": 40,
                   "train_seconds": 6.0}]
     write(tmp_path, "02_fine_tuning", "runs", fine_tuning.with_changes(pd.DataFrame(rows), 0.1).to_dict("records"))
-    write(tmp_path, "03_cache_management", "memory_at_equal_throughput", [
-        {"device": "cpu", "policy": "lru", "memory_saved": 0.2}, {"device": "cpu", "policy": "lopt", "memory_saved": 0.4}])
     text = report.build(tmp_path)
     row = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     fine = row[report.ROWS["ecr_test"]]
@@ -36,8 +35,47 @@ def test_summary_cells_come_from_the_linked_tables(tmp_path):
            "3 seeds: not met (interval straddles the target)](02_fine_tuning/runs.csv)" in fine, fine
     assert fine.endswith("| — |")
     assert "[40% [40%, 40%] of the parameters, 60% [60%, 60%] of the time, 50% [50%, 50%] of the ECR gain](02_fine_tuning/runs.csv)" in text
-    assert "[−30.0% (LRU −20.0%, LOPT −40.0%)](03_cache_management/memory_at_equal_throughput.csv)" in text
     assert "ECR of generated text" in text and text.count("| — |") >= 6  # 04 and the gpu preset have not run
+
+
+def test_memory_and_generated_ecr_rows_show_the_control_baseline_interval_and_n(tmp_path):
+    from test_ecr_gains import frames
+
+    from cfmoe.stages import ecr_wikitext
+
+    write(tmp_path, "03_cache_management", "memory_at_equal_throughput", [
+        {"seed": seed, "device": device, "policy": policy, "cached_share": share, "memory_base_gb": 10.0,
+         "memory_cfmoe_gb": 10.0 * (1 - saved), "memory_saved": saved}
+        for seed, lru in enumerate([0.3, 0.35, 0.4]) for policy, saved in (("lru", lru), ("lopt", 0.5))
+        for device in ("cpu", "npu") for share in (0.25, 0.5)])
+    write(tmp_path, "03_cache_management", "requests", [
+        {"run": run, "seed": seed, "decode_ecr": ecr, "decode_ecr_over_k_e": ecr / 0.1}
+        for seed in range(3) for run, ecr in (("lora_control", 0.2), ("cfmoe", 0.4))])
+    write(tmp_path, "03_cache_management", "memory_saved_combinations", [
+        {"source": "served requests", "baseline": "lora_control lru/unified", "model": "cfmoe", "policy": policy,
+         "mean_memory_saved": saved} for policy, saved in (("lru/unified", 0.3), ("lopt/unified", 0.45))])
+    samples, quality = frames(cfmoe=lambda control, seed, entry: 2 * control)
+    summary = ecr_wikitext.summary_table(samples, quality, 0.125)
+    write(tmp_path, "04_ecr_wikitext", "summary", summary.to_dict("records"))
+    write(tmp_path, "04_ecr_wikitext", "paper_comparison",
+          ecr_wikitext.comparison_table(summary, 0.125, "ours").to_dict("records"))
+    text = report.build(tmp_path)
+    row = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    # seeds save 30%, 35%, 40% under LRU: mean and Student-t interval over 3 seeds; the oracle beside, not a headline
+    assert "[LRU vs LRU: −35.0% [−47.4%, −22.6%], 3.50 of the control's 10.00 GB; ECR/(k/E) control 2.00 → CFMoE " \
+           "4.00; 3 seed(s) (not headlines: LOPT, oracle (knows future routing) −50.0% [−50.0%, −50.0%])]" \
+           "(03_cache_management/memory_at_equal_throughput.csv)" in row[report.ROWS["memory"]]
+    assert "not a headline" in report.ROWS["memory_best"] and "best of N" in report.ROWS["memory_best"]
+    assert "[best of 2, not a headline: −45.0% (cfmoe LOPT, oracle (knows future routing) / unified vs control " \
+           "LRU / unified)](03_cache_management/memory_saved_combinations.csv)" in row[report.ROWS["memory_best"]]
+    generated = row[report.ROWS["ecr_generated"]]
+    h = ecr_wikitext.headline(summary)
+    assert f"[control {h['control_ecr'][0]:.3f} → CFMoE {h['cfmoe_ecr'][0]:.3f}: +100.0% [+100.0%, +100.0%], Δ " \
+           f"+{h['delta_ecr'][0]:.3f}" in generated
+    assert f"ECR/(k/E) {h['control_ecr_over_k_e'][0]:.2f} → {h['cfmoe_ecr_over_k_e'][0]:.2f} (the paper's, vs its " \
+           f"base model: " in generated
+    assert "6 entries × 3 seed(s): met; repeated 4-grams CFMoE 0.0100, DAFT 0.0500, control 0.0100, base 0.0100]" \
+           "(04_ecr_wikitext/summary.csv)" in generated
 
 
 def test_committed_summary_matches_the_committed_tables():
@@ -47,4 +85,41 @@ def test_committed_summary_matches_the_committed_tables():
 def test_readme_shows_the_current_table():
     readme = (ROOT / "README.md").read_text()
     assert readme == report.with_readme_table(readme, ROOT / "results")
+    assert readme == readme_blocks.update(readme, ROOT / "results")  # the models table and the chain's times
     assert "[0.2" in readme.split(report.README_START)[1] and "](results/02_fine_tuning/runs.csv)" in readme
+
+
+def test_readme_prose_quotes_no_measured_percentage_or_ratio():
+    """Measured numbers live in the generated blocks; hand-written text may not carry a % or × figure."""
+    import re
+
+    prose = readme_blocks.outside_blocks((ROOT / "README.md").read_text())
+    assert not re.findall(r"\d(?:[.,]\d+)?\s?[%×]", prose)
+
+
+def test_chain_times_keep_one_row_per_notebook(tmp_path, monkeypatch):
+    from cfmoe.present import notebooks
+
+    monkeypatch.setenv("CFMOE_RESULTS", str(tmp_path))
+    notebooks.record_time("cpu", "01_b", 5)
+    notebooks.record_time("cpu", "00_a", 7)
+    path = notebooks.record_time("cpu", "01_b", 9)
+    table = pd.read_csv(path)
+    assert list(table.notebook) == ["00_a", "01_b"] and list(table.seconds) == [7.0, 9.0]
+    assert path == tmp_path / "chain" / "cpu.csv"
+
+
+def test_published_notebooks_keep_outputs_and_drop_this_machines_paths(tmp_path):
+    import json
+
+    from cfmoe.config import ROOT as REPO
+    from cfmoe.present import notebooks
+
+    nb = {"cells": [{"cell_type": "code", "metadata": {"papermill": {"duration": 1.0}}, "source": ["x"],
+                     "outputs": [{"output_type": "stream", "name": "stdout", "text": [f"saved to {REPO}/results/a.csv"]}]}],
+          "metadata": {"papermill": {"input_path": f"{REPO}/notebooks/00_a.ipynb"}}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00_a.ipynb").write_text(json.dumps(nb))
+    out, = notebooks.publish(tmp_path / "in", tmp_path / "out")
+    text = out.read_text()
+    assert str(REPO) not in text and "saved to ./results/a.csv" in text and "papermill" not in text

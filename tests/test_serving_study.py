@@ -23,11 +23,14 @@ def frame():
 
 
 def test_memory_saved_interpolates_the_candidate_at_the_baseline_levels():
-    saved = serving_study.memory_saved(frame(), [0.25, 0.5])
+    saved = serving_study.memory_saved(frame(), [0.25, 0.5], baselines=("base",))
     assert saved.tokens_per_s.tolist() == [25.0, 50.0]
-    assert saved.memory_base_gb.tolist() == pytest.approx([1.25, 1.5])
+    assert saved.memory_baseline_gb.tolist() == pytest.approx([1.25, 1.5])
     assert saved.memory_cfmoe_gb.tolist() == pytest.approx([1.125, 1.25])  # half the share
     assert saved.memory_saved.tolist() == pytest.approx([1 - 1.125 / 1.25, 1 - 1.25 / 1.5])
+    assert saved.saved_mb.tolist() == pytest.approx([125.0, 250.0])
+    assert saved.memory_saved_low.isna().all()  # one run per setting: no interval
+    assert set(serving_study.memory_saved(frame(), [0.25]).baseline) == {"base"}  # no LoRA control measured here
 
 
 def test_prediction_calibrates_a_floor_and_a_per_expert_load_time():
@@ -83,7 +86,8 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
     by = m.groupby(["routing_source", "share"]).hit_rate.mean()
     assert (by["cfmoe"] > by["lora_control"]).all()  # the more local stream hits more at every share
     saved = serving_study.paper_scale_saved(m, resamples=20)
-    assert {"memory_saved", "saved_low", "saved_high"} <= set(saved.columns)
+    assert {"memory_saved", "memory_saved_low", "memory_saved_high", "saved_mb"} <= set(saved.columns)
+    assert set(saved.baseline) == {"lora_control"} and set(saved.share) <= {0.25, 0.5, 0.75}
     monkeypatch.setenv("CFMOE_RESULTS", str(tmp_path / "results"))
     cfg = load_config("smoke")
     folder = cfg.results_dir(serving_study.NOTEBOOK) / serving_study.PAPER_SCALE
@@ -92,3 +96,6 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
     out["meta"].to_csv(folder / "machine_host.csv", index=False)
     results = serving_study.paper_scale_results(cfg)
     assert len(results["verdicts"]) == 3 and all(v.endswith(("met)", "missed)")) for v in results["verdicts"])
+    medians = results["medians"]
+    assert len(medians) == 3 * 2 and (medians.repeats == 2).all()
+    assert {"tokens_per_s", "tokens_per_s_q25", "tokens_per_s_q75", "of_limit", "of_resident"} <= set(medians.columns)

@@ -16,7 +16,8 @@ from .. import claims
 from ..cli import user_errors
 from ..config import ROOT, results_root, results_subdir
 from ..provenance import sidecar, write_json_atomic, write_text_atomic
-from ..stages import fine_tuning
+from . import readme as readme_blocks
+from ..stages import cache_management, ecr_wikitext, fine_tuning
 from ..stages import serving as engine_stage
 
 PRESETS = ("cpu", "gpu")
@@ -39,6 +40,64 @@ def _less(saved: float) -> str:
     return f"−{saved:.1%}" if saved >= 0 else f"+{-saved:.1%}"
 
 
+def _ci(value: tuple[float, float, float], spec: str) -> str:
+    """(mean, low, high) as 'mean [low, high]' (the 95% interval), or the mean alone when it has none."""
+    mean, low, high = value
+    return f"{mean:{spec}}" if pd.isna(low) else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+
+def _state(target: claims.Target, value: tuple[float, float, float]) -> str:
+    """'met' only when the whole interval clears the target; else 'missed' or 'not met (straddles)'."""
+    _, low, high = value
+    if pd.isna(low):
+        return "no interval (one seed)"
+    if target.clears(low, high):
+        return "met"
+    return "missed" if not (target.met(low) or target.met(high)) else "not met (interval straddles the target)"
+
+
+def _repeats(measurements: pd.DataFrame) -> int:
+    """The fewest timed repeats of any setting in notebook 05's measurements (1 for a table of single runs)."""
+    if "repeat" not in measurements:
+        return 1
+    return int(measurements.groupby(engine_stage.SETTING, dropna=False).size().min())
+
+
+def _engine_saving(row) -> str:
+    """A memory_saved_summary row as '−25.2% [−31.0%, −18.1%] (3.10 of 12.40 MB)': the change of memory, its 95%
+    bootstrap interval and the megabytes saved of the baseline's."""
+    interval = "" if pd.isna(row.memory_saved_low) else \
+        f" [{_less(row.memory_saved_high)}, {_less(row.memory_saved_low)}]"
+    return f"{_less(row.memory_saved)}{interval} ({row.saved_mb:.2f} of {row.memory_baseline_mb:.2f} MB)"
+
+
+def _engine_memory(summary: pd.DataFrame, saved: pd.DataFrame | None, repeats: int) -> str:
+    """Notebook 05's memory saved: CFMoE vs the LoRA control over all tiers and per tier, vs base beside it, and
+    the cost model's saving at the measured hit rates."""
+    def scope(baseline):
+        rows = summary[summary.baseline == baseline]
+        whole = rows[rows.tier == "all"]
+        return (whole if len(whole) else rows).iloc[0] if len(rows) else None, rows[rows.tier != "all"]
+
+    control, tiers = scope(engine_stage.BASELINE)
+    if control is None or not control.reached:
+        levels = 0 if control is None else int(control.levels)
+        return f"no level reached by CFMoE and the control at any of {levels} points"
+    per_tier = ", ".join(f"{engine_stage.tier_label(r.tier)} {_less(r.memory_saved)} ({r.saved_mb:.2f} MB)"
+                         for r in tiers.itertuples() if r.reached)
+    text = (f"vs control {_engine_saving(control)}" + (f" ({per_tier})" if len(tiers) > 1 else "")
+            + f"; {int(control.reached)} of {int(control.levels)} levels reached, medians of {repeats} repeats")
+    base, _ = scope(engine_stage.BESIDE)
+    if base is not None:
+        text += f"; vs base {_engine_saving(base)}" if base.reached else "; vs base: no level reached"
+    if saved is not None and "predicted_memory_saved" in saved:
+        rows = saved[saved.baseline == engine_stage.BASELINE].dropna(subset=["memory_saved", "predicted_memory_saved"])
+        text += (f"; cost model at the measured hit rates {_less(rows.predicted_memory_saved.mean())} "
+                 f"({rows.predicted_saved_mb.mean():.2f} MB)" if len(rows)
+                 else "; the cost model reaches none of these levels")
+    return text
+
+
 README_START, README_END = "<!-- summary:start -->", "<!-- summary:end -->"
 
 
@@ -48,26 +107,57 @@ def headline(root: Path, preset: str) -> dict[str, str]:
     runs, path = _table(root, "02_fine_tuning", preset, "runs")
     if runs is not None:
         h = fine_tuning.headline(runs)
-        cells["ecr_test"] = _link(f"{h['control_ecr']:.3f} → {h['cfmoe_ecr']:.3f} ({h['ecr_gain']:+.1%})", path)
-        cells["ppl"] = _link(f"{h['ppl_cost']:+.2%} (DAFT {h['daft_ppl_cost']:+.2%})", path)
-        cells["daft"] = _link(f"{h['daft_params']:.0%} of the parameters, {h['daft_time']:.0%} of the time, "
-                              f"{h['daft_gain']:.0%} of the ECR gain", path)
-    comparison, path = _table(root, "04_ecr_wikitext", preset, "paper_comparison")
-    if comparison is not None:
-        ours = comparison.iloc[-1]
-        cells["ecr_generated"] = _link(f"{ours.ecr_baseline:.3f} → {ours.ecr_cfmoe:.3f} ({ours.gain:+.1%}), "
-                                       f"{int(ours.samples)} samples, k/E {ours.k_over_e:.3f}", path)
+        n = runs.seed.nunique() if "seed" in runs else 1
+        cells["ecr_test"] = _link(
+            f"{h['control_ecr'][0]:.3f} → {h['cfmoe_ecr'][0]:.3f}: {_ci(h['ecr_gain'], '+.1%')}, Δ {_ci(h['delta_ecr'], '+.3f')}; "
+            f"ECR/(k/E) {h['control_ecr_over_k_e'][0]:.2f} → {h['cfmoe_ecr_over_k_e'][0]:.2f} (base "
+            f"{h['base_ecr_over_k_e'][0]:.2f}); {n} seeds: {_state(claims.ECR_GAIN, h['ecr_gain'])}", path)
+        cells["ppl"] = _link(f"{_ci(h['ppl_cost'], '+.2%')}: {_state(claims.PPL_COST, h['ppl_cost'])} "
+                             f"(DAFT {_ci(h['daft_ppl_cost'], '+.2%')})", path)
+        cells["daft"] = _link(f"{_ci(h['daft_params'], '.0%')} of the parameters, {_ci(h['daft_time'], '.0%')} of the "
+                              f"time, {_ci(h['daft_gain'], '.0%')} of the ECR gain", path)
+    summary, path = _table(root, "04_ecr_wikitext", preset, "summary")
+    comparison, _ = _table(root, "04_ecr_wikitext", preset, "paper_comparison")
+    if summary is not None and comparison is not None:
+        k_over_e = float(comparison.k_over_e.iloc[-1])
+        if "ecr_vs_control_low" not in summary:  # a table from before seeds and intervals: from its samples
+            samples, path = _table(root, "04_ecr_wikitext", preset, "samples")
+            summary = ecr_wikitext.summary_table(samples, _table(root, "04_ecr_wikitext", preset,
+                                                                 "article_perplexity")[0], k_over_e)
+        g = ecr_wikitext.headline(summary)
+        sampled = summary[summary.decoding == "sampled"].set_index("run")
+        paper = ecr_wikitext.PAPER
+        repeats = ", ".join(f"{name} {g[f'{key}_repeated_4grams'][0]:.4f}" for name, key in
+                            (("CFMoE", "cfmoe"), ("DAFT", "daft"), ("control", "control"), ("base", "base")))
+        cells["ecr_generated"] = _link(
+            f"control {g['control_ecr'][0]:.3f} → CFMoE {g['cfmoe_ecr'][0]:.3f}: {_ci(g['ecr_gain'], '+.1%')}, "
+            f"Δ {_ci(g['delta_ecr'], '+.3f')}; ECR/(k/E) {g['control_ecr_over_k_e'][0]:.2f} → "
+            f"{g['cfmoe_ecr_over_k_e'][0]:.2f} (the paper's, vs its base model: "
+            f"{paper['ecr_baseline'] / paper['k_over_e']:.2f} → {paper['ecr_cfmoe'] / paper['k_over_e']:.2f}); base "
+            f"{g['base_ecr'][0]:.3f} (ECR/(k/E) {g['base_ecr_over_k_e'][0]:.2f}) beside: CFMoE vs base "
+            f"{_ci(g['gain_vs_base'], '+.1%')}, Δ {_ci(g['delta_vs_base'], '+.3f')}; "
+            f"{int(sampled.loc['base', 'samples'])} entries × {int(sampled.loc['cfmoe', 'seeds'])} seed(s): "
+            f"{_state(claims.GENERATED_ECR_GAIN, g['ecr_gain'])}; repeated 4-grams {repeats}", path)
     saved, path = _table(root, "03_cache_management", preset, "memory_at_equal_throughput")
-    if saved is not None:
-        per_policy = saved.groupby("policy", sort=False).memory_saved.mean()
-        cells["memory"] = _link(f"{_less(saved.memory_saved.mean())} (LRU {_less(per_policy.get('lru', float('nan')))}, "
-                                f"LOPT {_less(per_policy.get('lopt', float('nan')))})", path)
+    requests, _ = _table(root, "03_cache_management", preset, "requests")
+    if saved is not None and requests is not None:
+        def less(value):  # saving as memory change: (0.3, 0.2, 0.4) -> −30.0% [−40.0%, −20.0%]
+            return _less(value[0]) if pd.isna(value[1]) else f"{_less(value[0])} [{_less(value[2])}, {_less(value[1])}]"
+
+        m = cache_management.memory_headline(saved, requests)
+        ecr = (f"; ECR/(k/E) control {m['control_ecr_over_k_e'][0]:.2f} → CFMoE {m['cfmoe_ecr_over_k_e'][0]:.2f}"
+               if pd.notna(m["cfmoe_ecr_over_k_e"][0]) else "")
+        oracles = "; ".join(f"{cache_management.policy_label(p)} {less(v)}" for p, v in m["per_policy"].items()
+                            if p in cache_management.ORACLE_POLICIES)
+        cells["memory"] = _link(f"{m['label']} vs {m['label']}: {less(m['headline'])}, {m['saved_gb'][0]:.2f} of the "
+                                f"control's {m['control_gb'][0]:.2f} GB{ecr}; {m['seeds']} seed(s) (not headlines: "
+                                f"{oracles})", path)
     combos, path = _table(root, "03_cache_management", preset, "memory_saved_combinations")
     if combos is not None:
-        served = combos[(combos.source == "served requests") & (combos.model == "cfmoe")]
-        best = served.loc[served.mean_memory_saved.idxmax()]
-        cells["memory_best"] = _link(f"{_less(best.mean_memory_saved)} ({best.model} {best.policy} vs control "
-                                     f"{best.baseline.split()[-1]})", path)
+        best, n = cache_management.best_of(combos)
+        cells["memory_best"] = _link(f"best of {n}, not a headline: {_less(best.mean_memory_saved)} ({best.model} "
+                                     f"{cache_management.policy_label(best.policy)} vs control "
+                                     f"{cache_management.policy_label(best.baseline.split()[-1])})", path)
     serving, path = _table(root, "03_cache_management", preset, "serving_modes")
     if serving is not None:
         wide = serving[serving.batch == serving.batch.max()]
@@ -75,50 +165,65 @@ def headline(root: Path, preset: str) -> dict[str, str]:
         dis, warm = by.disaggregated - by.unified, by.disaggregated_warm - by.unified
         cells["serving"] = _link(f"batch {int(wide.batch.max())}: disaggregated {dis.mean():+.4f}, "
                                  f"warm {warm.mean():+.4f} decode hit rate vs unified (means)", path)
-    measured, path = _table(root, "05_serving", preset, "memory_saved")
-    if measured is not None:
+    engine, measurements_path = _table(root, "05_serving", preset, "measurements")
+    repeats = _repeats(engine) if engine is not None else 0
+    summary, path = _table(root, "05_serving", preset, "memory_saved_summary")
+    measured, saved_path = _table(root, "05_serving", preset, "memory_saved")
+    if summary is not None:
+        cells["engine_memory"] = _link(_engine_memory(summary, measured, repeats), path)
+    elif measured is not None:  # a table of single runs, from before repeats: CFMoE vs base
         defined = measured.dropna(subset=["memory_saved"])
         if defined.empty:
             cells["engine_memory"] = _link(f"no level reached by both models at any of {len(measured)} points: "
-                                           "tokens/s does not follow the budget on this tier", path)
+                                           "tokens/s does not follow the budget on this tier", saved_path)
         else:
-            tiers = ", ".join(f"{tier} {_less(value)}" for tier, value in defined.groupby("tier").memory_saved.mean().items())
+            tiers = ", ".join(f"{engine_stage.tier_label(tier)} {_less(value)}"
+                              for tier, value in defined.groupby("tier").memory_saved.mean().items())
             predicted = defined.predicted_memory_saved.dropna()
             model = f"cost model at the measured hit rates {_less(predicted.mean())}" if len(predicted) else \
                 "the cost model reaches none of these levels"
-            cells["engine_memory"] = _link(f"{_less(defined.memory_saved.mean())} ({tiers}; {len(defined)} of {len(measured)} "
-                                           f"levels reached); {model}", path)
+            cells["engine_memory"] = _link(f"vs base, single runs: {_less(defined.memory_saved.mean())} ({tiers}; "
+                                           f"{len(defined)} of {len(measured)} levels reached); {model}", saved_path)
+    runs_text = f"medians of {repeats} repeats" if repeats > 1 else "single runs"
     prediction, path = _table(root, "05_serving", preset, "prediction")
     if prediction is not None:
         errors = engine_stage.prediction_errors(prediction)
         ours, authors = errors.loc["calibrated"], errors.loc["authors_model"]
         cells["engine_model"] = _link(f"corrected model: median absolute error {ours.median_abs_error:.1%}, within "
-                                      f"±{claims.COST_MODEL_ERROR.bound:.0%} at {ours.within_target:.0%} of "
-                                      f"{int(ours.runs)} runs; the authors' model {authors.median_error:+.0%} (median)", path)
-    engine, path = _table(root, "05_serving", preset, "measurements")
-    if engine is not None:
-        ratios = engine_stage.mode_ratios(engine)
-        tiers = ", ".join(ratios.index.get_level_values("tier").unique())
+                                      f"±{claims.COST_MODEL_ERROR.bound:.0%} at {ours.within_target:.0%} "
+                                      f"({round(ours.within_target * ours.settings)} of {int(ours.settings)} settings, "
+                                      f"{runs_text}); the authors' model "
+                                      f"{authors.median_error:+.0%} (median)", path)
+    ratios = engine_stage.mode_ratios(engine) if engine is not None else None
+    if ratios is not None and len(ratios):
+        tiers = ", ".join(engine_stage.tier_label(t) for t in ratios.index.get_level_values("tier").unique())
         cells["engine_modes"] = _link(f"{tiers} tier: disaggregated / unified median "
-                                      f"{ratios.disaggregated.median():.2f}×, warm {ratios.disaggregated_warm.median():.2f}×; "
-                                      f"all runs token-identical: {bool(engine.identical.all())}", path)
+                                      f"{ratios.disaggregated.median():.2f}×, warm {ratios.disaggregated_warm.median():.2f}× "
+                                      f"({runs_text}); all runs token-identical: {bool(engine.identical.all())}",
+                                      measurements_path)
+    if engine is not None:
         speedup = engine_stage.prefetch_speedups(engine)
         if len(speedup):
             fetched = engine[engine["mode"] == "disaggregated+prefetch"]
-            cells["prefetch"] = _link(f"{speedup.median():.2f}× plain disaggregated (median, {len(speedup)} points); "
-                                      f"next-layer guesses right {fetched.prefetch_used.sum() / fetched.prefetched.sum():.0%}", path)
+            used, guessed = fetched.prefetch_used.sum(), fetched.prefetched.sum()
+            cells["prefetch"] = _link(f"{speedup.median():.2f}× plain disaggregated (median, {len(speedup)} points, "
+                                      f"{runs_text}); next-layer guesses right {used / guessed:.0%} "
+                                      f"({int(used):,} of {int(guessed):,} prefetched experts used)", measurements_path)
     return cells
 
 
 ROWS = {
-    "ecr_test": "ECR gain, WikiText-2 test (teacher-forced), CFMoE vs LoRA control",
-    "ecr_generated": "ECR of generated text (authors' WikiText protocol), base → CFMoE",
+    "ecr_test": "ECR gain, WikiText-2 test (teacher-forced), CFMoE vs LoRA control (mean [95% interval] over seeds)",
+    "ecr_generated": "ECR of generated text (authors' WikiText protocol), CFMoE vs LoRA control, base beside (mean "
+                     "[95% bootstrap interval over entries, paired by seed]; ΔECR; ECR/(k/E))",
     "ppl": "Test perplexity, CFMoE vs LoRA control",
-    "memory": "Memory saved at equal decode throughput (same policy, paper scale)",
-    "memory_best": "Memory saved, best served combination vs control under LRU",
+    "memory": "Memory saved at equal decode throughput, CFMoE vs LoRA control under the same policy (paper scale; "
+              "mean [95% interval] over seeds; GB saved of the control's; ECR/(k/E) of the requests)",
+    "memory_best": "Memory saved, best of N served combinations vs control under LRU (a maximum over N: not a headline)",
     "daft": "DAFT vs CFMoE on all layers",
     "serving": "Decode hit rate, disaggregated prefill vs unified",
-    "engine_memory": "Measured memory saved at equal decode tokens/s (offloading engine, CFMoE vs base)",
+    "engine_memory": "Measured memory saved at equal decode tokens/s (offloading engine, CFMoE vs LoRA control, base "
+                     "beside; medians of repeats, [95% bootstrap interval])",
     "engine_modes": "Measured decode tokens/s, disaggregated vs unified prefill (engine, LRU)",
     "engine_model": "Cost model vs measured decode tokens/s (engine)",
     "prefetch": "Next-layer expert prefetch, measured decode tokens/s (engine, LRU)",
@@ -165,7 +270,7 @@ def main(argv=None) -> None:
         write_json_atomic(root / "summary.json", sidecar(artifact="summary.md", presets=list(PRESETS)))
     readme = ROOT / "README.md"
     if root == ROOT / "results" and readme.is_file():  # the README shows the committed study's table
-        write_text_atomic(readme, with_readme_table(readme.read_text(), root))
+        write_text_atomic(readme, readme_blocks.update(with_readme_table(readme.read_text(), root), root))
     print(text)
 
 

@@ -379,6 +379,14 @@ class OffloadEngine:
             return out
         return forward
 
+    def close(self) -> None:
+        """Close every tier's store this engine opened and its prefetch thread (after the prefetch in flight)."""
+        self._wait()
+        for store in self._stores.values():
+            store.close()
+        if hasattr(self, "_executor"):
+            self._executor.shutdown()
+
     def reset_counters(self) -> None:
         self._wait()
         self.counters = Counters()

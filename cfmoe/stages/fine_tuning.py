@@ -112,6 +112,10 @@ def headline(table: pd.DataFrame) -> dict[str, tuple[float, float, float]]:
     """CFMoE and DAFT against the LoRA control, from the stage's per-seed `runs` table, each as (mean, low, high)
     over seeds: ECR gain (relative and absolute), perplexity cost, the control's and CFMoE's ECR and ECR/(k/E),
     DAFT's share of CFMoE's trainable parameters, time and ECR gain (paired by seed)."""
+    if "seed" not in table:  # a table of one seed from before seeds were recorded: no intervals
+        control = table.set_index("run").loc["lora_control"]
+        table = table.assign(seed=0, delta_ecr=table.test_ecr - control.test_ecr, test_ecr_over_k_e=float("nan"))
+
     def by_seed(run, col):
         return table[table.run == run].set_index("seed")[col].sort_index()
 

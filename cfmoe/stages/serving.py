@@ -5,8 +5,19 @@
 Each model serves the same requests (the entry prompts of the first `serving.requests` WikiText-2 test
 entries, one after another, greedy, `serving.new_tokens` tokens each) in memory and through
 `cfmoe.serving.OffloadEngine` at each budget (a share of the routed experts), policy, prefill mode and
-slow tier. Every engine run is checked token for token against the in-memory model. Memory is the fast
-tier's bytes: the resident weights plus the engine's slot pool (staging slots included).
+slow tier: the settings (`grid`). Every setting is timed `serving.repeats` times, and all (setting, repeat)
+runs are executed in one seeded random order (`run_order`), interleaving models and settings, so that drift
+on a shared machine spreads over every setting instead of biasing some. Before each timed run the same engine
+and setting (or the model in memory) generates `serving.warmup_tokens` untimed tokens; the engine's cache is
+then emptied, so every timed run starts cold and its hit rate is the same in every repeat. Every run is
+checked token for token against the in-memory model. Memory is the fast tier's bytes: the resident weights
+plus the engine's slot pool (staging slots included).
+
+Tables: `measurements` (one row per (setting, repeat)), `measurements_summary` (per setting: median and
+interquartile range of decode tokens/s and TTFT over the repeats), `memory_saved` (per level, from the medians,
+with 95% percentile bootstrap intervals over the repeats), `memory_saved_summary` (the mean over levels, per
+baseline and tier) and `prediction` (the cost models at each setting's median). CFMoE is compared with the LoRA
+control (the baseline: fine-tuned the same way without the locality loss) and, beside it, with base.
 """
 
 from __future__ import annotations
@@ -14,13 +25,14 @@ from __future__ import annotations
 import copy
 import gc
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import claims, costmodel, data, moe, routing
+from .. import claims, costmodel, data, moe, routing, stats
 from ..config import StudyConfig
 from ..determinism import make_deterministic
 from ..present import plots
@@ -29,6 +41,21 @@ from ..serving import ExpertStore, OffloadEngine, measure_load_seconds, reset_cu
 from . import ecr_wikitext, runs
 
 NOTEBOOK = "05_serving"
+SETTING = ["run", "tier", "policy", "mode", "prefetch", "share"]  # the columns that name one timed setting
+TIMED = ("decode_tokens_per_s", "ttft_s")  # summarized by median and interquartile range over repeats
+BASELINE, BESIDE, CANDIDATE = "lora_control", "base", "cfmoe"  # memory saved: CFMoE vs the control, base beside
+# what a reader sees for a tier whose key is not self-explanatory (the keys stay in the tables' `tier` column)
+TIER_LABELS = {"throttled": "emulated (sleep-throttled)"}
+
+
+def tier_label(tier: str) -> str:
+    """A slow tier as a reader should read it: the sleep-throttled tier is an emulation, not a device."""
+    return TIER_LABELS.get(tier, tier)
+
+
+def readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with its `tier` column in readers' labels (`tier_label`), for displayed tables and figures."""
+    return frame.assign(tier=frame.tier.map(tier_label)) if "tier" in frame else frame
 
 
 def _generate_kwargs(tokenizer, new_tokens: int, repetition_penalty: float) -> dict:
@@ -53,6 +80,36 @@ def scaled_bandwidth(sizes: costmodel.ModelSizes, seconds_per_token: float,
     return sizes.w_dynamic / (paper_io_ratio(bits_per_param) * seconds_per_token) / 1e9
 
 
+# --- the grid and its order -----------------------------------------------------------------------------------
+
+def grid(sc, n_routed: int, top_k: int) -> list[dict]:
+    """Every timed setting of `sc` (a ServingConfig): each model in memory, and each engine run (model x tier x
+    share x policy x mode x prefetch). Every policy, mode and prefetch runs on `sc.full_tier`; the other tiers run
+    LRU in `sc.partial_modes`."""
+    combos = [("lru", mode, False) for mode in sc.modes] + [("lru", "disaggregated", True)] * sc.prefetch + \
+        [(p, "disaggregated", False) for p in sc.policies if p != "lru"]
+    partial = [("lru", mode, False) for mode in sc.partial_modes]
+    settings = []
+    for run in sc.runs:
+        settings.append({"run": run, "tier": "in_memory", "policy": "", "mode": "in_memory", "prefetch": False,
+                         "share": 1.0, "capacity": n_routed})
+        for tier in sc.tiers:
+            for share in sc.shares:
+                capacity = int(max(top_k, round(share * n_routed)))
+                for policy, mode, prefetch in (combos if tier == sc.full_tier else partial):
+                    settings.append({"run": run, "tier": tier, "policy": policy, "mode": mode + "+prefetch" * prefetch,
+                                     "prefetch": prefetch, "share": share, "capacity": capacity})
+    return settings
+
+
+def run_order(n_settings: int, repeats: int, seed: int) -> list[tuple[int, int]]:
+    """(setting index, repeat) of every timed run, in one random order (`np.random.default_rng(seed)`)."""
+    pairs = [(setting, repeat) for repeat in range(repeats) for setting in range(n_settings)]
+    return [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))]
+
+
+# --- one timed run -------------------------------------------------------------------------------------------
+
 @torch.no_grad()
 def in_memory(lm, requests, kwargs) -> tuple[list[torch.Tensor], dict]:
     """The unmodified model's outputs and decode speed on the requests (the reference)."""
@@ -76,50 +133,99 @@ def in_memory(lm, requests, kwargs) -> tuple[list[torch.Tensor], dict]:
     return outputs, {"ttft_s": float(np.mean(ttft)), "decode_tokens_per_s": steps / decode_s, **extra}
 
 
-def engine_run(lm, store, requests, reference, kwargs, **engine_kwargs) -> dict:
-    """Serve the requests in order through one engine (its cache carries over); summed measurements.
+class EngineBench:
+    """One model's offloading engine for a whole sweep: a copy of the model, offloaded once and reconfigured
+    (an empty cache, a fresh slot pool) for every run.
 
-    On CUDA the budget is also checked from the allocator: the engine's model copy may hold only its
-    resident weights, buffers and slot pool (each tensor rounded up to the allocator's 512-byte blocks)."""
-    cuda = next(lm.parameters()).device.type == "cuda"
-    gc.collect()  # an earlier engine's model (a reference cycle through its hooks) must not be freed mid-count
-    before = reset_cuda_peak() if cuda else 0
-    model = copy.deepcopy(lm)
-    engine = OffloadEngine(model, store, write=False, **engine_kwargs)
-    memory = {}
-    if cuda:
+    On CUDA the budget is also checked from the allocator: the engine's model copy may hold only its resident
+    weights, buffers and slot pool (each tensor rounded up to the allocator's 512-byte blocks). What it holds is
+    measured when it is built and then followed through every reconfiguration's change."""
+
+    def __init__(self, lm, store, tier: str, bandwidth_gbps: float | None = None):
+        self.cuda = next(lm.parameters()).device.type == "cuda"
+        gc.collect()  # an earlier engine's model (a reference cycle through its hooks) must not be freed mid-count
+        before = reset_cuda_peak() if self.cuda else 0
+        self.model = copy.deepcopy(lm)
+        self.engine = OffloadEngine(self.model, store, moe.describe(lm).top_k, tier=tier,
+                                    bandwidth_gbps=bandwidth_gbps, write=False)
+        self.held = self._allocated() - before if self.cuda else 0
+        self.memory = self._check()
+
+    def _allocated(self) -> int:
         torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated() - before
-        tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
-        allowed = sum(-(-t.numel() * t.element_size() // 512) * 512 for t in tensors)
-        if held > allowed:
-            raise AssertionError(f"the engine's model holds {held} bytes of GPU memory, more than its resident weights,"
-                                 f" buffers and slot pool ({allowed} bytes): the fast tier exceeds its budget")
-        memory = {"cuda_engine_bytes": held, "cuda_allowed_bytes": allowed}
-    rows, identical = [], True
-    for ids, expected in zip(requests, reference):
-        out, stats = engine.generate(ids, **kwargs)
-        identical &= bool(torch.equal(out, expected))
-        rows.append(stats)
-    frame = pd.DataFrame(rows)
-    steps = (frame.new_tokens - 1).sum()
-    counts = ("_hits", "_misses", "_bytes_read", "_load_seconds", "prefetched", "prefetch_used", "prefetch_seconds")
-    summed = frame[[c for c in frame.columns if c.endswith(counts)]].sum()
-    decode_accesses = summed.decode_hits + summed.decode_misses
-    if cuda:
-        memory["cuda_transient_bytes"] = int((frame.cuda_peak_bytes - frame.cuda_start_bytes).max())
-    result = {"slots": engine.n_slots, "pool_bytes": engine.pool_bytes, "identical": identical,
-              "ttft_s": frame.ttft_s.mean(), "decode_tokens_per_s": steps / frame.decode_s.sum(),
-              "decode_steps": int(steps), **summed.to_dict(), "decode_hit_rate": summed.decode_hits / decode_accesses,
-              "decode_misses_per_token": summed.decode_misses / steps,
-              "decode_load_share": summed.decode_load_seconds / frame.decode_s.sum(), **memory}
-    engine.store.close()
-    return result
+        return torch.cuda.memory_allocated()
 
+    def _check(self) -> dict:
+        if not self.cuda:
+            return {}
+        tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}.values()
+        allowed = sum(-(-t.numel() * t.element_size() // 512) * 512 for t in tensors)
+        if self.held > allowed:
+            raise AssertionError(f"the engine's model holds {self.held} bytes of GPU memory, more than its resident "
+                                 f"weights, buffers and slot pool ({allowed} bytes): the fast tier exceeds its budget")
+        return {"cuda_engine_bytes": self.held, "cuda_allowed_bytes": allowed}
+
+    def configure(self, capacity: int, policy: str, mode: str, prefetch: bool, tier: str,
+                  bandwidth_gbps: float | None) -> None:
+        before = self._allocated() if self.cuda else 0
+        self.engine.reconfigure(capacity, policy, mode=mode, prefetch=prefetch, tier=tier,
+                                bandwidth_gbps=bandwidth_gbps)
+        if self.cuda:
+            self.held += self._allocated() - before
+            self.memory = self._check()
+
+    @torch.no_grad()
+    def run(self, requests, reference, kwargs, warmup=None, *, capacity: int, policy: str = "lru",
+            mode: str = "disaggregated", prefetch: bool = False, tier: str = "direct",
+            bandwidth_gbps: float | None = None) -> dict:
+        """Serve the requests in order (the cache carries over between them) from an empty cache; summed
+        measurements. `warmup` = (prompt ids, tokens): generated first with the same settings, untimed, and the
+        cache emptied after it."""
+        settings = {"capacity": capacity, "policy": policy, "mode": mode, "prefetch": prefetch, "tier": tier,
+                    "bandwidth_gbps": bandwidth_gbps}
+        if warmup is not None:
+            self.configure(**settings)
+            ids, tokens = warmup
+            self.engine.generate(ids, **{**kwargs, "max_new_tokens": tokens})
+        self.configure(**settings)
+        rows, identical = [], True
+        for ids, expected in zip(requests, reference):
+            out, stats_ = self.engine.generate(ids, **kwargs)
+            identical &= bool(torch.equal(out, expected))
+            rows.append(stats_)
+        frame = pd.DataFrame(rows)
+        steps = (frame.new_tokens - 1).sum()
+        counts = ("_hits", "_misses", "_bytes_read", "_load_seconds", "prefetched", "prefetch_used", "prefetch_seconds")
+        summed = frame[[c for c in frame.columns if c.endswith(counts)]].sum()
+        decode_accesses = summed.decode_hits + summed.decode_misses
+        memory = dict(self.memory)
+        if self.cuda:
+            memory["cuda_transient_bytes"] = int((frame.cuda_peak_bytes - frame.cuda_start_bytes).max())
+        return {"slots": self.engine.n_slots, "pool_bytes": self.engine.pool_bytes, "identical": identical,
+                "ttft_s": frame.ttft_s.mean(), "decode_tokens_per_s": steps / frame.decode_s.sum(),
+                "decode_steps": int(steps), **summed.to_dict(), "decode_hit_rate": summed.decode_hits / decode_accesses,
+                "decode_misses_per_token": summed.decode_misses / steps,
+                "decode_load_share": summed.decode_load_seconds / frame.decode_s.sum(), **memory}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def engine_run(lm, store, requests, reference, kwargs, warmup=None, **engine_kwargs) -> dict:
+    """One run through a fresh engine (`EngineBench.run`): serve the requests in order, summed measurements."""
+    bench = EngineBench(lm, store, engine_kwargs.get("tier", "direct"), engine_kwargs.get("bandwidth_gbps"))
+    try:
+        return bench.run(requests, reference, kwargs, warmup, **engine_kwargs)
+    finally:
+        bench.close()
+
+
+# --- the stage -----------------------------------------------------------------------------------------------
 
 def _compute(cfg: StudyConfig, force: bool = False) -> dict:
-    """Measure the engine on this machine for every run, tier, budget, policy and mode."""
+    """Measure the engine on this machine: every setting of `grid`, `serving.repeats` times, in one random order."""
     make_deterministic(cfg.seed, cfg.threads)
+    started = time.perf_counter()
     out = cfg.results_dir(NOTEBOOK)
     sc = cfg.serving
     models, tokenizer = runs.load_runs(cfg)
@@ -130,6 +236,9 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     task = data.entry_task("test").select(range(sc.requests))
     requests = [tokenizer(p, return_tensors="pt")["input_ids"].to(device) for p in task["prompt"]]
     kwargs = _generate_kwargs(tokenizer, sc.new_tokens, cfg.ecr.repetition_penalty)
+    # the warm-up: the first request's first warmup_tokens tokens as the prompt, warmup_tokens new tokens
+    warmup = (requests[0][:, :sc.warmup_tokens], sc.warmup_tokens)
+    warm_kwargs = {**kwargs, "max_new_tokens": sc.warmup_tokens}
     store_dir = cfg.artifacts_dir / "expert_stores"
     store_dir.mkdir(parents=True, exist_ok=True)
     profile = costmodel.measure_profile(store_dir, size_mb=sc.profile_mb)
@@ -138,58 +247,72 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                                            notes=f"memory: device-to-device copy on {torch.cuda.get_device_name(device)}; "
                                                  + profile.notes.split("; ", 1)[1])
 
-    combos = [("lru", mode, False) for mode in sc.modes] + [("lru", "disaggregated", True)] * sc.prefetch + \
-        [(p, "disaggregated", False) for p in sc.policies if p != "lru"]
-    partial = [("lru", "unified", False), ("lru", "disaggregated", False)]  # the other tiers
-    rows, bandwidth, load_s = [], {}, {}
+    # untimed set-up: each model's reference outputs (after a warm-up) and its expert store
+    references, stores, setup_speed, load_s = {}, {}, {}, {}
     for run in sc.runs:
         lm = models[run]
-        in_memory(lm, requests[:1], {**kwargs, "max_new_tokens": 2})  # warm-up
-        reference, ref = in_memory(lm, requests, kwargs)
-        rows.append({"run": run, "tier": "in_memory", "policy": "", "mode": "in_memory", "prefetch": False,
-                     "share": 1.0, "capacity": n_routed, "memory_gb": info.total_bytes / 1e9, "identical": True, **ref,
-                     "decode_hit_rate": 1.0, "decode_misses_per_token": 0.0})
-        store = write_store(lm, store_dir / f"{run}.safetensors")
-        if not bandwidth:  # fixed once, from the first run's in-memory speed and store, for every run
-            bandwidth = {tier: (sc.throttle_gbps or scaled_bandwidth(sizes, 1 / ref["decode_tokens_per_s"],
-                                                                      cfg.cache.bits_per_param))
-                         if tier == "throttled" else None for tier in sc.tiers}
-            for tier in sc.tiers:
-                reader = ExpertStore(store, tier, bandwidth[tier], device)
-                load_s[tier] = measure_load_seconds(reader, device=device)
-                reader.close()
-        for tier in sc.tiers:
-            for share in sc.shares:
-                capacity = int(max(info.top_k, round(share * n_routed)))
-                for policy, mode, prefetch in (combos if tier == sc.full_tier else partial):
-                    result = engine_run(lm, store, requests, reference, kwargs, capacity=capacity, policy=policy,
-                                        mode=mode, tier=tier, bandwidth_gbps=bandwidth[tier], prefetch=prefetch)
-                    rows.append({"run": run, "tier": tier, "io_gbps": bandwidth[tier], "policy": policy,
-                                 "mode": mode + "+prefetch" * prefetch, "prefetch": prefetch, "share": share,
-                                 "capacity": capacity, "memory_gb": (info.resident_bytes + result["pool_bytes"]) / 1e9,
-                                 **result})
-    measured = pd.DataFrame(rows)
-    in_mem = measured[measured.tier == "in_memory"].set_index("run").decode_tokens_per_s
-    measured["vs_in_memory"] = measured.decode_tokens_per_s / measured.run.map(in_mem)
+        in_memory(lm, [warmup[0]], warm_kwargs)
+        references[run], ref = in_memory(lm, requests, kwargs)
+        setup_speed[run] = ref["decode_tokens_per_s"]
+        stores[run] = write_store(lm, store_dir / f"{run}.safetensors")
+    # the emulated tier's bandwidth, fixed once for every run: scaled to the models' median in-memory speed here
+    seconds_per_token = 1 / float(np.median(list(setup_speed.values())))
+    bandwidth = {tier: (sc.throttle_gbps or scaled_bandwidth(sizes, seconds_per_token, cfg.cache.bits_per_param))
+                 if tier == "throttled" else None for tier in sc.tiers}
+    for tier in sc.tiers:
+        reader = ExpertStore(stores[sc.runs[0]], tier, bandwidth[tier], device)
+        load_s[tier] = measure_load_seconds(reader, device=device)
+        reader.close()
+    benches = {run: EngineBench(models[run], stores[run], sc.tiers[0], bandwidth[sc.tiers[0]]) for run in sc.runs}
 
-    prediction = predict(measured, sizes, profile, load_s)
+    settings = grid(sc, n_routed, info.top_k)
+    rows = []
+    for position, (index, repeat) in enumerate(run_order(len(settings), sc.repeats, cfg.seed)):
+        setting = settings[index]
+        run, tier = setting["run"], setting["tier"]
+        if tier == "in_memory":
+            lm = models[run]
+            in_memory(lm, [warmup[0]], warm_kwargs)
+            outputs, result = in_memory(lm, requests, kwargs)
+            result.update(identical=all(torch.equal(a, b) for a, b in zip(outputs, references[run])),
+                          memory_gb=info.total_bytes / 1e9, decode_hit_rate=1.0, decode_misses_per_token=0.0)
+        else:
+            result = benches[run].run(requests, references[run], kwargs, warmup, capacity=setting["capacity"],
+                                      policy=setting["policy"], mode=setting["mode"].removesuffix("+prefetch"),
+                                      prefetch=setting["prefetch"], tier=tier, bandwidth_gbps=bandwidth[tier])
+            result.update(io_gbps=bandwidth[tier], memory_gb=(info.resident_bytes + result["pool_bytes"]) / 1e9)
+        rows.append({**setting, "setting": index, "repeat": repeat, "order": position, **result})
+    for bench in benches.values():
+        bench.close()
+    measured = pd.DataFrame(rows).sort_values(["setting", "repeat"], ignore_index=True)
+    in_mem = measured[measured.tier == "in_memory"].groupby("run").decode_tokens_per_s.median()
+    measured["vs_in_memory"] = measured.decode_tokens_per_s / measured.run.map(in_mem)
+    summary = summarize_repeats(measured)
+
+    prediction = predict(summary, sizes, profile, load_s)
     levels = [s for s in sc.shares if s in cfg.cache.cached_shares] or list(sc.shares)  # notebook 03's levels
-    saved = memory_saved(measured, levels)
+    saved = memory_saved(measured, levels, seed=cfg.seed)
+    saved_summary = memory_saved_summary(measured, levels, seed=cfg.seed)
     keys = ["run", "tier", "policy", "mode", "share"]
-    predicted = measured.merge(prediction[keys + ["calibrated_tokens_per_s"]], on=keys, how="inner")
+    predicted = summary.merge(prediction[keys + ["calibrated_tokens_per_s"]], on=keys, how="inner")
     predicted["decode_tokens_per_s"] = predicted.calibrated_tokens_per_s
-    saved = saved.merge(memory_saved(predicted, levels)[["tier", "policy", "mode", "share", "memory_saved"]]
-                        .rename(columns={"memory_saved": "predicted_memory_saved"}),
-                        on=["tier", "policy", "mode", "share"], how="left")
+    saved = saved.merge(memory_saved(predicted, levels, resamples=0)
+                        [["baseline", "tier", "policy", "mode", "share", "memory_saved", "saved_mb"]]
+                        .rename(columns={"memory_saved": "predicted_memory_saved", "saved_mb": "predicted_saved_mb"}),
+                        on=["baseline", "tier", "policy", "mode", "share"], how="left")
     extra = {"profile": vars(profile), "load_seconds_per_expert": load_s, "requests": sc.requests,
-             "new_tokens": sc.new_tokens, "throttled_gbps": bandwidth.get("throttled"),
+             "new_tokens": sc.new_tokens, "repeats": sc.repeats, "warmup_tokens": sc.warmup_tokens,
+             "throttled_gbps": bandwidth.get("throttled"), "setup_tokens_per_s": setup_speed,
              "paper_io_ratio": paper_io_ratio(cfg.cache.bits_per_param), "threads": torch.get_num_threads(),
-             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "measured_seconds": time.perf_counter() - started}
     save_table(measured, out / "measurements", cfg, **extra)
+    save_table(summary, out / "measurements_summary", cfg, **extra)
     save_table(prediction, out / "prediction", cfg, **extra)
     save_table(saved, out / "memory_saved", cfg, **extra)
-    return {"measured": measured, "prediction": prediction, "saved": saved, "profile": profile, "load_s": load_s,
-            "info": info}
+    save_table(saved_summary, out / "memory_saved_summary", cfg, **extra)
+    return {"measured": measured, "summary": summary, "prediction": prediction, "saved": saved,
+            "saved_summary": saved_summary, "profile": profile, "load_s": load_s, "info": info}
 
 
 def _cuda_copy_gbps(device, size_mb: float, repeats: int = 5) -> float:
@@ -200,10 +323,166 @@ def _cuda_copy_gbps(device, size_mb: float, repeats: int = 5) -> float:
     return costmodel.median_rate(lambda: (target.copy_(source), torch.cuda.synchronize(device)), n, repeats)
 
 
+# --- summaries over repeats ----------------------------------------------------------------------------------
+
+def summarize_repeats(measured: pd.DataFrame, keys=SETTING, timed=TIMED) -> pd.DataFrame:
+    """One row per setting (`keys`): `repeats`, each `timed` column's median with its interquartile range
+    (`<column>_q25`, `<column>_q75`), the median of every other numeric column (hit rates and counts are the
+    same in every repeat: the routing is deterministic) and `identical` only if every repeat was."""
+    keys = [k for k in keys if k in measured]
+    timed = [c for c in timed if c in measured]
+    skip = set(keys) | {"repeat", "order", "setting"}
+    numeric = [c for c in measured.select_dtypes("number").columns if c not in skip]
+    groups = measured.groupby(keys, sort=False, dropna=False)
+    medians = groups[numeric].median()
+    columns = {"repeats": groups.size()}
+    for column in timed:
+        columns[column] = medians.pop(column)
+        columns[f"{column}_q25"] = groups[column].quantile(0.25)
+        columns[f"{column}_q75"] = groups[column].quantile(0.75)
+    if "identical" in measured:
+        columns["identical"] = groups.identical.all()
+    return pd.concat([pd.DataFrame(columns), medians], axis=1).reset_index()
+
+
+def _frontier_memory(memory: np.ndarray, speed: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """`costmodel.memory_at_equal_throughput`'s interpolation on arrays (fast enough to bootstrap): the least
+    memory reaching each tokens/s level along the curve's frontier; NaN outside its measured range."""
+    order = np.lexsort((-speed, memory))
+    memory, speed = memory[order], speed[order]
+    best = np.maximum.accumulate(speed)
+    frontier = np.r_[True, best[1:] > best[:-1]]
+    memory, speed = memory[frontier], speed[frontier]
+    return np.where((levels >= speed[0]) & (levels <= speed[-1]), np.interp(levels, speed, memory), np.nan)
+
+
+def _curves(measured: pd.DataFrame, shares, baseline: str, candidate: str, run: str, value: str, by) -> list[dict]:
+    """Per group (`by`) where both models ran: the shares both ran at, each one's memory there, the positions of
+    the level `shares`, and a (repeat x (baseline's shares + candidate's shares)) matrix of `value`."""
+    engine = measured[measured.tier != "in_memory"]
+    engine = engine if "repeat" in engine else engine.assign(repeat=0)
+    repeats = sorted(engine.repeat.unique())
+    curves = []
+    for key, group in engine.groupby(list(by), sort=False, dropna=False):
+        pair = group[group[run].isin([baseline, candidate])]
+        if pair[run].nunique() < 2:
+            continue
+        wide = pair.pivot_table(index="repeat", columns=[run, "share"], values=value, aggfunc="first").reindex(repeats)
+        common = sorted(set(wide[baseline].columns) & set(wide[candidate].columns))
+        levels = [i for i, share in enumerate(common) if np.isclose(share, shares).any()]
+        if not levels:
+            continue
+        memory = pair.groupby([run, "share"]).memory_gb.first()
+        samples = np.hstack([wide[baseline][common].to_numpy(float), wide[candidate][common].to_numpy(float)])
+        curves.append({"key": key if isinstance(key, tuple) else (key,), "shares": np.array(common),
+                       "levels": np.array(levels), "memory": (memory[baseline][common].to_numpy(float),
+                                                               memory[candidate][common].to_numpy(float)),
+                       "samples": samples, "repeats": int(np.isfinite(samples).any(axis=1).sum())})
+    return curves
+
+
+def _saved(samples: np.ndarray, curve: dict) -> dict:
+    """Memory saved at the curve's levels from the medians of `samples` (its matrix or a resample of it)."""
+    medians = np.nanmedian(samples, axis=0) if np.isnan(samples).any() else np.median(samples, axis=0)
+    n = len(curve["shares"])
+    base, cand = medians[:n], medians[n:]
+    levels = base[curve["levels"]]
+    memory_a = _frontier_memory(curve["memory"][0], base, levels)
+    memory_b = _frontier_memory(curve["memory"][1], cand, levels)
+    return {"tokens_per_s": levels, "memory_baseline_gb": memory_a, "memory_cfmoe_gb": memory_b,
+            "memory_saved": 1 - memory_b / memory_a}
+
+
+def memory_saved(measured: pd.DataFrame, shares, baselines=(BASELINE, BESIDE), candidate: str = CANDIDATE,
+                 run: str = "run", value: str = "decode_tokens_per_s", by=("tier", "policy", "mode"),
+                 resamples: int = stats.BOOTSTRAP_SAMPLES, seed: int = 0) -> pd.DataFrame:
+    """Memory the candidate needs at the tokens/s each baseline reaches with `shares` of its experts cached (per
+    `by` group), from the medians over repeats, with a 95% percentile bootstrap interval over the repeats
+    (`stats.bootstrap_interval`, the repeats resampled; `resamples=0`: none). `saved_mb` is the same saving in
+    megabytes, next to both models' memory at the level."""
+    rows = []
+    for baseline in baselines:
+        for curve in _curves(measured, shares, baseline, candidate, run, value, by):
+            point = _saved(curve["samples"], curve)
+            for j, share in enumerate(curve["shares"][curve["levels"]]):
+                row = {"baseline": baseline, **dict(zip(by, curve["key"])), "share": share,
+                       **{name: values[j] for name, values in point.items()}}
+                row["saved_mb"] = 1e3 * (row["memory_baseline_gb"] - row["memory_cfmoe_gb"])
+                low = high = float("nan")
+                if resamples and np.isfinite(row["memory_saved"]):
+                    with warnings.catch_warnings():  # resamples where a level is out of reach give NaN
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        _, low, high = stats.bootstrap_interval(
+                            curve["samples"], lambda x: _saved(x, curve)["memory_saved"][j], n=resamples, seed=seed)
+                rows.append({**row, "memory_saved_low": low, "memory_saved_high": high, "repeats": curve["repeats"]})
+    return pd.DataFrame(rows, columns=["baseline", *by, "share", "tokens_per_s", "memory_baseline_gb",
+                                       "memory_cfmoe_gb", "memory_saved", "saved_mb", "memory_saved_low",
+                                       "memory_saved_high", "repeats"])
+
+
+def memory_saved_summary(measured: pd.DataFrame, shares, baselines=(BASELINE, BESIDE), candidate: str = CANDIDATE,
+                         run: str = "run", value: str = "decode_tokens_per_s", by=("tier", "policy", "mode"),
+                         resamples: int = stats.BOOTSTRAP_SAMPLES, seed: int = 0) -> pd.DataFrame:
+    """Per baseline, over all tiers (`tier` "all") and per tier: the mean memory saved over the levels both
+    curves reach, with a 95% percentile bootstrap interval over repeats (all groups resampled together), and the
+    mean memory of each model at those levels (MB)."""
+    rows = []
+    for baseline in baselines:
+        curves = _curves(measured, shares, baseline, candidate, run, value, by)
+        tiers = list(dict.fromkeys(c["key"][0] for c in curves))
+        for scope in ["all", *tiers] if len(tiers) > 1 else tiers:
+            chosen = [c for c in curves if scope == "all" or c["key"][0] == scope]
+            edges = np.cumsum([0] + [c["samples"].shape[1] for c in chosen])
+            samples = np.hstack([c["samples"] for c in chosen])
+
+            def levels(x, name="memory_saved"):
+                return np.concatenate([_saved(x[:, a:b], c)[name] for c, a, b in zip(chosen, edges, edges[1:])])
+
+            saved = levels(samples)
+            base, cand = levels(samples, "memory_baseline_gb"), levels(samples, "memory_cfmoe_gb")
+            reached = np.isfinite(saved)
+            mean, low, high = (np.nanmean(saved) if reached.any() else float("nan")), float("nan"), float("nan")
+            if resamples and reached.any():
+                with warnings.catch_warnings():  # resamples where no level is in reach give NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    _, low, high = stats.bootstrap_interval(samples, lambda x: np.nanmean(levels(x)), n=resamples,
+                                                            seed=seed)
+            rows.append({"baseline": baseline, "tier": scope, "levels": len(saved), "reached": int(reached.sum()),
+                         "memory_saved": mean, "memory_saved_low": low, "memory_saved_high": high,
+                         "memory_baseline_mb": 1e3 * base[reached].mean() if reached.any() else float("nan"),
+                         "memory_cfmoe_mb": 1e3 * cand[reached].mean() if reached.any() else float("nan"),
+                         "saved_mb": 1e3 * (base[reached] - cand[reached]).mean() if reached.any() else float("nan"),
+                         "repeats": min(c["repeats"] for c in chosen)})
+    return pd.DataFrame(rows)
+
+
+def median_iqr(summary: pd.DataFrame, column: str, digits: int = 1) -> pd.Series:
+    """A summarized column (`summarize_repeats`) as 'median (q25–q75)' strings, for displayed tables."""
+    return pd.Series([f"{m:.{digits}f} ({a:.{digits}f}–{b:.{digits}f})" for m, a, b in
+                      zip(summary[column], summary[f"{column}_q25"], summary[f"{column}_q75"])], index=summary.index)
+
+
+def describe_grid(measured: pd.DataFrame) -> str:
+    """The grid a measurements table holds, in words: models, per tier its shares and (policy, mode) settings,
+    the settings, repeats and timed runs."""
+    engine = measured[measured.tier != "in_memory"]
+    parts = []
+    for tier, rows in engine.groupby("tier", sort=False):
+        modes = ", ".join(f"{p.upper()} {m}" for p, m in dict.fromkeys(zip(rows.policy, rows["mode"])))
+        parts.append(f"{tier_label(tier)}: shares {', '.join(f'{s:g}' for s in sorted(rows.share.unique()))} x {modes}")
+    settings = measured.groupby(SETTING, dropna=False).size()
+    return (f"{measured.run.nunique()} models ({', '.join(dict.fromkeys(measured.run))}) x [in memory; "
+            + "; ".join(parts) + f"] = {len(settings)} settings, each timed {settings.min()}"
+            + (f" to {settings.max()}" if settings.max() != settings.min() else "")
+            + f" times: {len(measured)} timed runs in one random order")
+
+
+# --- analyses --------------------------------------------------------------------------------------------------
+
 def predict(measured: pd.DataFrame, sizes: costmodel.ModelSizes, profile: costmodel.DeviceProfile,
             load_s: dict) -> pd.DataFrame:
-    """The cost models' decode tokens/s at each engine run's measured hit rate (prefetch runs left out: their
-    background reads are in neither model).
+    """The cost models' decode tokens/s at each engine setting's measured hit rate (prefetch runs left out: their
+    background reads are in neither model); `measured` is one row per setting (`summarize_repeats`: medians).
 
     - the authors' (memory-bound): resident + cached bytes at memory bandwidth, missed experts at the tier's
       bandwidth: the stated one when throttled, the profile's file read for `direct`/`page_cache`, and for
@@ -231,34 +510,23 @@ def predict(measured: pd.DataFrame, sizes: costmodel.ModelSizes, profile: costmo
     return pd.DataFrame(rows)
 
 
-def memory_saved(measured: pd.DataFrame, shares, baseline: str = "base", candidate: str = "cfmoe") -> pd.DataFrame:
-    """Measured memory CFMoE needs at the tokens/s the baseline reaches with `shares` of its experts cached."""
-    rows = []
-    engine = measured[measured.tier != "in_memory"].rename(columns={"decode_tokens_per_s": "tokens_per_s"})
-    for (tier, policy, mode), group in engine.groupby(["tier", "policy", "mode"], sort=False):
-        base, cand = group[group.run == baseline], group[group.run == candidate]
-        if base.empty or cand.empty:
-            continue
-        table = costmodel.saved_at_levels(base, cand, shares, column="share")
-        for i, (name, value) in enumerate((("tier", tier), ("policy", policy), ("mode", mode))):
-            table.insert(i, name, value)
-        rows.append(table)
-    return pd.concat(rows, ignore_index=True)
-
-
 def mode_ratios(measured: pd.DataFrame) -> pd.DataFrame:
-    """Decode tokens/s of each disaggregated mode over unified's, LRU, on the tier(s) where every mode ran;
-    rows (run, tier, share)."""
+    """Median decode tokens/s (over repeats) of each disaggregated mode over unified's, LRU, on the tier(s) where
+    every mode ran; rows (run, tier, share)."""
     lru = measured[(measured.tier != "in_memory") & (measured.policy == "lru")]
     lru = lru[lru.tier.isin(lru[lru["mode"] == "disaggregated_warm"].tier.unique())]
-    by = lru.pivot_table(index=["run", "tier", "share"], columns="mode", values="decode_tokens_per_s")
-    return pd.DataFrame({mode: by[mode] / by.unified for mode in ("disaggregated", "disaggregated_warm")})
+    by = lru.pivot_table(index=["run", "tier", "share"], columns="mode", values="decode_tokens_per_s", aggfunc="median")
+    modes = ("disaggregated", "disaggregated_warm")
+    if not {"unified", *modes} <= set(by.columns):
+        return pd.DataFrame(columns=list(modes), index=pd.MultiIndex.from_tuples([], names=["run", "tier", "share"]))
+    return pd.DataFrame({mode: by[mode] / by.unified for mode in modes})
 
 
 def prefetch_speedups(measured: pd.DataFrame) -> pd.Series:
-    """Decode tokens/s with next-layer prefetch over plain disaggregated (LRU), per (run, tier, share) it ran at."""
+    """Median decode tokens/s (over repeats) with next-layer prefetch over plain disaggregated (LRU), per (run,
+    tier, share) it ran at."""
     lru = measured[(measured.tier != "in_memory") & (measured.policy == "lru")]
-    by = lru.pivot_table(index=["run", "tier", "share"], columns="mode", values="decode_tokens_per_s")
+    by = lru.pivot_table(index=["run", "tier", "share"], columns="mode", values="decode_tokens_per_s", aggfunc="median")
     if "disaggregated+prefetch" not in by:
         return pd.Series(dtype=float, name="speed-up")
     return (by["disaggregated+prefetch"] / by.disaggregated).dropna().rename("speed-up")
@@ -275,16 +543,18 @@ def prefetch_summary(measured: pd.DataFrame) -> pd.DataFrame:
     for tier, r in speedup.groupby(level="tier"):
         used, guessed = fetched.prefetch_used.sum()[tier], fetched.prefetched.sum()[tier]
         rows.append({"tier": tier, "median_speedup": r.median(), "points": len(r), "faster": int((r >= 1).sum()),
-                     "right": used / guessed, "extra_decode_bytes": fetched.decode_bytes_read.sum()[tier] / plain[tier] - 1,
+                     "right": used / guessed, "used": int(used), "prefetched": int(guessed),
+                     "extra_decode_bytes": fetched.decode_bytes_read.sum()[tier] / plain[tier] - 1,
+                     "extra_decode_mb": (fetched.decode_bytes_read.sum()[tier] - plain[tier]) / 1e6,
                      "verdict": claims.pays(r.median())})
     return pd.DataFrame(rows)
 
 
 def prediction_errors(prediction: pd.DataFrame, tier: str | None = None) -> pd.DataFrame:
-    """Each cost model's error against the measurement over the runs not used for calibration (on `tier`, or
-    all): median, median |error| and the share within `claims.COST_MODEL_ERROR`."""
+    """Each cost model's error against the measurement (the setting's median) over the settings not used for
+    calibration (on `tier`, or all): median, median |error| and the share within `claims.COST_MODEL_ERROR`."""
     tested = prediction[~prediction.calibration.astype(bool) & ((prediction.tier == tier) if tier else True)]
-    rows = [{"model": column.removesuffix("_error"), "runs": len(tested), "median_error": tested[column].median(),
+    rows = [{"model": column.removesuffix("_error"), "settings": len(tested), "median_error": tested[column].median(),
              "median_abs_error": tested[column].abs().median(),
              "within_target": tested[column].abs().map(claims.COST_MODEL_ERROR.met).mean()}
             for column in ("authors_model_error", "calibrated_error")]
@@ -455,35 +725,12 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
 
 
 def paper_scale_saved(measured: pd.DataFrame, baseline: str = "lora_control", candidate: str = "cfmoe",
-                      resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+                      resamples: int = stats.BOOTSTRAP_SAMPLES, seed: int = 0) -> pd.DataFrame:
     """Memory CFMoE needs at the tokens/s the control reaches at each share (medians over repeats), per tier
-    and policy, with a bootstrap 95% interval over repeats."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for (tier, policy), group in measured.groupby(["tier", "policy"], sort=False):
-        pair = group[group.routing_source.isin([baseline, candidate])]
-        if pair.routing_source.nunique() < 2:
-            continue
-        shares = sorted(set(pair[pair.routing_source == baseline].share) & set(pair[pair.routing_source == candidate].share))
-
-        samples = {key: g.tokens_per_s.to_numpy() for key, g in pair.groupby(["routing_source", "share"])}
-        memory = pair.groupby(["routing_source", "share"]).memory_gb.first()
-
-        def saved(medians: dict) -> pd.DataFrame:
-            curves = {run: pd.DataFrame([{"share": share, "tokens_per_s": medians[(run, share)],
-                                          "memory_gb": memory[(run, share)]} for share in shares])
-                      for run in (baseline, candidate)}
-            return costmodel.saved_at_levels(curves[baseline], curves[candidate], shares, column="share")
-
-        point = saved({key: np.median(v) for key, v in samples.items()})
-        boots = np.array([saved({key: np.median(rng.choice(v, len(v))) for key, v in samples.items()})
-                          .memory_saved.to_numpy() for _ in range(resamples)], dtype=float)
-        point["saved_low"] = np.nanpercentile(boots, 2.5, axis=0)
-        point["saved_high"] = np.nanpercentile(boots, 97.5, axis=0)
-        point.insert(0, "tier", tier)
-        point.insert(1, "policy", policy)
-        out.append(point)
-    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+    and policy, with a 95% percentile bootstrap interval over repeats (`memory_saved`)."""
+    return memory_saved(measured, sorted(measured.share.unique()), baselines=(baseline,), candidate=candidate,
+                        run="routing_source", value="tokens_per_s", by=("tier", "policy"), resamples=resamples,
+                        seed=seed)
 
 
 def paper_scale_results(cfg: StudyConfig) -> dict | None:
@@ -495,13 +742,7 @@ def paper_scale_results(cfg: StudyConfig) -> dict | None:
         return None
     measured = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     machine = pd.concat([pd.read_csv(f) for f in sorted(folder.glob("machine_*.csv"))], ignore_index=True)
-    medians = measured.groupby(["routing_source", "tier", "policy", "share"]).agg(
-        tokens_per_s=("tokens_per_s", "median"), q1=("tokens_per_s", lambda v: v.quantile(0.25)),
-        q3=("tokens_per_s", lambda v: v.quantile(0.75)), resident_tokens_per_s=("resident_tokens_per_s", "first"),
-        hit_rate=("hit_rate", "median"), misses_per_token=("misses_per_token", "median"),
-        limit_tokens_per_s=("limit_tokens_per_s", "median"), of_limit=("of_limit", "median"),
-        of_resident=("of_resident", "median"), load_share=("load_share", "median"), repeats=("repeat", "nunique"),
-        expert_mb=("expert_mb", "first")).reset_index()
+    medians = summarize_repeats(measured, keys=["routing_source", "tier", "policy", "share"], timed=("tokens_per_s",))
     host = medians[(medians.tier == "host") & (medians.policy == "lru")]
     half = host[(host.routing_source == "cfmoe") & (host.share == claims.PAPER_SCALE_HALF_SHARE)].of_resident
     of_copy = measured[measured.tier == "host"].load_gbps.median() / machine.copy_gbps.median()
@@ -515,8 +756,8 @@ def paper_scale_results(cfg: StudyConfig) -> dict | None:
 def figures(cfg: StudyConfig, results: dict) -> None:
     """Figures of notebook 05, drawn from the stage's tables."""
     out = cfg.results_dir(NOTEBOOK)
-    save_figure(plots.measured_throughput(results["measured"]), out / "measured_throughput", cfg)
-    save_figure(plots.predicted_vs_measured(results["prediction"]), out / "predicted_vs_measured", cfg)
+    save_figure(plots.measured_throughput(readable(results["measured"])), out / "measured_throughput", cfg)
+    save_figure(plots.predicted_vs_measured(readable(results["prediction"])), out / "predicted_vs_measured", cfg)
 
 
 compute = runs.one_result_set(NOTEBOOK, _compute, figures)
