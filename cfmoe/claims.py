@@ -67,11 +67,19 @@ class Target:
         """Whether a whole interval clears the bar (a claim is met only then)."""
         return self.met(low) and self.met(high)
 
+    def state(self, low: float, high: float) -> str:
+        """'met' (the whole interval clears the bar), 'missed' (none of it does), 'straddles', or 'no interval'."""
+        if low is None or math.isnan(low):
+            return "no interval"
+        if self.clears(low, high):
+            return "met"
+        return "straddles" if self.met(low) or self.met(high) else "missed"
+
     def verdict_interval(self, value: float, low: float, high: float, signed: bool = True) -> str:
         """'<what> <value> [<low>, <high>] (target <op> <bound>: met|missed|not met, the interval straddles it)'."""
         op = {"at_least": "≥", "at_most": "≤", "below": "<"}[self.direction]
-        state = ("met" if self.clears(low, high) else "missed" if not (self.met(low) or self.met(high))
-                 else "not met, the interval straddles it")
+        state = self.state(low, high)
+        state = "not met, the interval straddles it" if state == "straddles" else state
         return (f"{self.what} {self._fmt(value, signed)} [{self._fmt(low, signed)}, {self._fmt(high, signed)}] "
                 f"(target {op} {self._fmt(self.bound, signed)}: {state})")
 

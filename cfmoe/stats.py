@@ -105,6 +105,12 @@ def summarize(table: pd.DataFrame, by: list[str], columns: list[str], level: flo
     return pd.DataFrame(rows)
 
 
+def format_interval(value: tuple[float, float, float], spec: str) -> str:
+    """(mean, low, high) as 'mean [low, high]', or the mean alone when it has no interval."""
+    mean, low, high = value
+    return f"{mean:{spec}}" if math.isnan(low) else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+
 def clears(low: float, high: float, bar: float, above: bool = True) -> bool:
     """Whether an interval clears a bar: wholly above it (`above`) or wholly below it."""
     return bool(low > bar) if above else bool(high < bar)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import claims
+from .. import claims, stats
 from ..cli import user_errors
 from ..config import ROOT, results_root, results_subdir
 from ..provenance import sidecar, write_json_atomic, write_text_atomic
@@ -40,20 +40,10 @@ def _less(saved: float) -> str:
     return f"−{saved:.1%}" if saved >= 0 else f"+{-saved:.1%}"
 
 
-def _ci(value: tuple[float, float, float], spec: str) -> str:
-    """(mean, low, high) as 'mean [low, high]' (the 95% interval), or the mean alone when it has none."""
-    mean, low, high = value
-    return f"{mean:{spec}}" if pd.isna(low) else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
-
-
 def _state(target: claims.Target, value: tuple[float, float, float]) -> str:
     """'met' only when the whole interval clears the target; else 'missed' or 'not met (straddles)'."""
-    _, low, high = value
-    if pd.isna(low):
-        return "no interval (one seed)"
-    if target.clears(low, high):
-        return "met"
-    return "missed" if not (target.met(low) or target.met(high)) else "not met (interval straddles the target)"
+    state = target.state(*value[1:])
+    return {"no interval": "no interval (one seed)", "straddles": "not met (interval straddles the target)"}.get(state, state)
 
 
 def _repeats(measurements: pd.DataFrame) -> int:
@@ -109,13 +99,13 @@ def headline(root: Path, preset: str) -> dict[str, str]:
         h = fine_tuning.headline(runs)
         n = runs.seed.nunique() if "seed" in runs else 1
         cells["ecr_test"] = _link(
-            f"{h['control_ecr'][0]:.3f} → {h['cfmoe_ecr'][0]:.3f}: {_ci(h['ecr_gain'], '+.1%')}, Δ {_ci(h['delta_ecr'], '+.3f')}; "
+            f"{h['control_ecr'][0]:.3f} → {h['cfmoe_ecr'][0]:.3f}: {stats.format_interval(h['ecr_gain'], '+.1%')}, Δ {stats.format_interval(h['delta_ecr'], '+.3f')}; "
             f"ECR/(k/E) {h['control_ecr_over_k_e'][0]:.2f} → {h['cfmoe_ecr_over_k_e'][0]:.2f} (base "
             f"{h['base_ecr_over_k_e'][0]:.2f}); {n} seeds: {_state(claims.ECR_GAIN, h['ecr_gain'])}", path)
-        cells["ppl"] = _link(f"{_ci(h['ppl_cost'], '+.2%')}: {_state(claims.PPL_COST, h['ppl_cost'])} "
-                             f"(DAFT {_ci(h['daft_ppl_cost'], '+.2%')})", path)
-        cells["daft"] = _link(f"{_ci(h['daft_params'], '.0%')} of the parameters, {_ci(h['daft_time'], '.0%')} of the "
-                              f"time, {_ci(h['daft_gain'], '.0%')} of the ECR gain", path)
+        cells["ppl"] = _link(f"{stats.format_interval(h['ppl_cost'], '+.2%')}: {_state(claims.PPL_COST, h['ppl_cost'])} "
+                             f"(DAFT {stats.format_interval(h['daft_ppl_cost'], '+.2%')})", path)
+        cells["daft"] = _link(f"{stats.format_interval(h['daft_params'], '.0%')} of the parameters, {stats.format_interval(h['daft_time'], '.0%')} of the "
+                              f"time, {stats.format_interval(h['daft_gain'], '.0%')} of the ECR gain", path)
     summary, path = _table(root, "04_ecr_wikitext", preset, "summary")
     comparison, _ = _table(root, "04_ecr_wikitext", preset, "paper_comparison")
     if summary is not None and comparison is not None:
@@ -130,12 +120,12 @@ def headline(root: Path, preset: str) -> dict[str, str]:
         repeats = ", ".join(f"{name} {g[f'{key}_repeated_4grams'][0]:.4f}" for name, key in
                             (("CFMoE", "cfmoe"), ("DAFT", "daft"), ("control", "control"), ("base", "base")))
         cells["ecr_generated"] = _link(
-            f"control {g['control_ecr'][0]:.3f} → CFMoE {g['cfmoe_ecr'][0]:.3f}: {_ci(g['ecr_gain'], '+.1%')}, "
-            f"Δ {_ci(g['delta_ecr'], '+.3f')}; ECR/(k/E) {g['control_ecr_over_k_e'][0]:.2f} → "
+            f"control {g['control_ecr'][0]:.3f} → CFMoE {g['cfmoe_ecr'][0]:.3f}: {stats.format_interval(g['ecr_gain'], '+.1%')}, "
+            f"Δ {stats.format_interval(g['delta_ecr'], '+.3f')}; ECR/(k/E) {g['control_ecr_over_k_e'][0]:.2f} → "
             f"{g['cfmoe_ecr_over_k_e'][0]:.2f} (the paper's, vs its base model: "
             f"{paper['ecr_baseline'] / paper['k_over_e']:.2f} → {paper['ecr_cfmoe'] / paper['k_over_e']:.2f}); base "
             f"{g['base_ecr'][0]:.3f} (ECR/(k/E) {g['base_ecr_over_k_e'][0]:.2f}) beside: CFMoE vs base "
-            f"{_ci(g['gain_vs_base'], '+.1%')}, Δ {_ci(g['delta_vs_base'], '+.3f')}; "
+            f"{stats.format_interval(g['gain_vs_base'], '+.1%')}, Δ {stats.format_interval(g['delta_vs_base'], '+.3f')}; "
             f"{int(sampled.loc['base', 'samples'])} entries × {int(sampled.loc['cfmoe', 'seeds'])} seed(s): "
             f"{_state(claims.GENERATED_ECR_GAIN, g['ecr_gain'])}; repeated 4-grams {repeats}", path)
     saved, path = _table(root, "03_cache_management", preset, "memory_at_equal_throughput")

@@ -64,11 +64,6 @@ def run_name(run: str, seed: int) -> str:
     return run if run == "base" else f"{run}-seed{seed}"
 
 
-def _with_seed(table: pd.DataFrame) -> pd.DataFrame:
-    """A table from before seeds (no `seed` column) as one of seed 0."""
-    return table if "seed" in table else table.assign(seed=0)
-
-
 def request_inputs(tokenizer, n_requests: int, decode_tokens: int, max_positions: int) -> list[dict]:
     """Token ids of each request: the entry prompt (prefill) then the article's first tokens (decode)."""
     task = data.entry_task("test")
@@ -310,7 +305,7 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
 def policy_gaps(curves: pd.DataFrame) -> dict[str, float]:
     """Our `layer_lru` against LRU (mean, best, worst hit-rate gain; points won and lost over every model, seed and
     capacity of the global pool), and how far LOPT and LRU sit below OPT (the oracle bound) on average."""
-    curves = _with_seed(curves)
+    curves = runs.with_seed(curves)
     g = curves[curves.scope == "global"].pivot_table(index=["run", "seed", "capacity"], columns="policy",
                                                      values="hit_rate")
     gain = g["layer_lru"] - g["lru"]
@@ -351,7 +346,7 @@ def memory_summary(saved: pd.DataFrame) -> pd.DataFrame:
     seed's mean over devices and levels, then the mean over seeds with its 95% Student-t interval, of the share
     saved (`memory_saved`), the gigabytes saved (`saved_gb`) and the control's memory at those levels
     (`memory_control_gb`); oracle policies flagged and labelled, the headline policy marked."""
-    saved = _with_seed(saved)
+    saved = runs.with_seed(saved)
     reached = saved.memory_saved.notna()
     per_seed = (saved.assign(saved_gb=saved.memory_base_gb - saved.memory_cfmoe_gb,
                              memory_control_gb=saved.memory_base_gb.where(reached), level=reached)
@@ -382,7 +377,7 @@ def memory_headline(saved: pd.DataFrame, requests: pd.DataFrame, policy: str = H
     def triple(p, column):
         return tuple(float(table.loc[p, c]) for c in (column, f"{column}_low", f"{column}_high"))
 
-    req = _with_seed(requests)
+    req = runs.with_seed(requests)
     req = req if "decode_ecr_over_k_e" in req else req.assign(decode_ecr_over_k_e=float("nan"))
 
     def by_seed(run, column):

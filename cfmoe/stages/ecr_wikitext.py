@@ -125,11 +125,6 @@ MEANS = ["generated_tokens", "sequence_ecr", "decode_gds", "decode_lal", "distin
 INTERVAL = "95% percentile bootstrap over entries, each entry resampled with all its seeds (paired by seed and entry)"
 
 
-def _with_seed(table: pd.DataFrame) -> pd.DataFrame:
-    """A table from before seeds (no `seed` column) as one of seed 0."""
-    return table if "seed" in table else table.assign(seed=0)
-
-
 def entry_matrix(table: pd.DataFrame, run: str, column: str, seeds: list, decoding: str | None = None) -> np.ndarray:
     """(entries, seeds) values of one run (and decoding), entries in order; a run measured once (the base model)
     repeated across the seeds, so that it pairs with every seed of another run."""
@@ -180,7 +175,7 @@ def summary_table(samples: pd.DataFrame, quality: pd.DataFrame, k_over_e: float,
     """One row per decoding and run, pooled over seeds and entries: means, decode ECR and ECR/(k/E), ΔECR and the
     relative gain against the LoRA control (the baseline) and against the base model (beside), repetition, and the
     token-weighted article perplexity and its cost against the control; each with a 95% interval (`INTERVAL`)."""
-    samples, quality = _with_seed(samples), _with_seed(quality)
+    samples, quality = runs.with_seed(samples), runs.with_seed(quality)
     seeds = list(dict.fromkeys(samples[samples.run != "base"].seed)) or list(dict.fromkeys(samples.seed))
     ppl = {run: (np.log(entry_matrix(quality, run, "article_ppl", seeds)),
                  entry_matrix(quality, run, "article_tokens", seeds)) for run in dict.fromkeys(quality.run)}
@@ -317,11 +312,6 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
             "comparison": comparison, "info": info}
 
 
-def _ci(value: tuple[float, float, float], spec: str) -> str:
-    mean, low, high = value
-    return f"{mean:{spec}}" if np.isnan(low) else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
-
-
 def verdicts(summary: pd.DataFrame) -> list[str]:
     """Per decoding: CFMoE's decode ECR against the LoRA control (the paper's gain as the bar, met only when the
     whole 95% interval clears it), with ΔECR and ECR/(k/E) beside; the base model beside; DAFT's gain; the
@@ -334,13 +324,13 @@ def verdicts(summary: pd.DataFrame) -> list[str]:
         lines.append(f"{decoding} ({int(s.loc[(decoding, 'base'), 'samples'])} entries, {int(n.seeds)} seeds; "
                      f"[95% bootstrap interval over entries]): decode ECR CFMoE {h['cfmoe_ecr'][0]:.4f} (ECR/(k/E) "
                      f"{h['cfmoe_ecr_over_k_e'][0]:.2f}) vs LoRA control {h['control_ecr'][0]:.4f} "
-                     f"({h['control_ecr_over_k_e'][0]:.2f}), Δ {_ci(h['delta_ecr'], '+.4f')}: "
+                     f"({h['control_ecr_over_k_e'][0]:.2f}), Δ {stats.format_interval(h['delta_ecr'], '+.4f')}: "
                      f"{claims.GENERATED_ECR_GAIN.verdict_interval(*h['ecr_gain'])}")
         lines.append(f"    base beside: decode ECR {h['base_ecr'][0]:.4f} (ECR/(k/E) {h['base_ecr_over_k_e'][0]:.2f}); "
-                     f"CFMoE vs base {_ci(h['gain_vs_base'], '+.1%')}, Δ {_ci(h['delta_vs_base'], '+.4f')}")
+                     f"CFMoE vs base {stats.format_interval(h['gain_vs_base'], '+.1%')}, Δ {stats.format_interval(h['delta_vs_base'], '+.4f')}")
         lines.append(f"    DAFT: decode ECR {h['daft_ecr'][0]:.4f} (ECR/(k/E) {h['daft_ecr_over_k_e'][0]:.2f}); vs "
-                     f"control {_ci(h['daft_ecr_gain'], '+.1%')}, Δ {_ci(h['daft_delta_ecr'], '+.4f')}")
-        rep = ", ".join(f"{name} {_ci(h[f'{short}_repeated_4grams'], '.4f')}" for name, short in
+                     f"control {stats.format_interval(h['daft_ecr_gain'], '+.1%')}, Δ {stats.format_interval(h['daft_delta_ecr'], '+.4f')}")
+        rep = ", ".join(f"{name} {stats.format_interval(h[f'{short}_repeated_4grams'], '.4f')}" for name, short in
                         (("CFMoE", "cfmoe"), ("DAFT", "daft"), ("control", "control"), ("base", "base")))
         distinct = ", ".join(f"{name} {s.loc[(decoding, run), 'distinct_2']:.3f}" for name, run in
                              (("CFMoE", "cfmoe"), ("DAFT", "cfmoe_daft"), ("control", "lora_control"),
@@ -350,7 +340,7 @@ def verdicts(summary: pd.DataFrame) -> list[str]:
     ppl = {run: s.loc[("sampled", run), "article_ppl"] for run in ("cfmoe", "cfmoe_daft", "lora_control")}
     lines.append(f"article perplexity given the prompt: CFMoE {ppl['cfmoe']:.2f} vs control {ppl['lora_control']:.2f}: "
                  f"{claims.PPL_COST.verdict_interval(*h['ppl_cost'])}; DAFT {ppl['cfmoe_daft']:.2f}, "
-                 f"{_ci(h['daft_ppl_cost'], '+.2%')}")
+                 f"{stats.format_interval(h['daft_ppl_cost'], '+.2%')}")
     return lines
 
 

@@ -90,6 +90,11 @@ def load_runs(cfg: StudyConfig, seed: int | None = None) -> tuple[dict, object]:
     return models, tokenizer
 
 
+def with_seed(table):
+    """A results table from before seeds were recorded (no `seed` column) read as one of seed 0."""
+    return table if "seed" in table else table.assign(seed=0)
+
+
 def _settings_digest(settings: dict) -> str:
     def default(value):
         if isinstance(value, np.ndarray):
