@@ -13,6 +13,12 @@ the cache is full. A key names one (layer, expert) pair: layer * n_experts + exp
 - `lopt`: Belady restricted to a look-ahead window W. At position i the entries whose next use is after
   i + W (or never) are "outside"; if any, the least recently used of them is evicted, else the entry with the
   farthest next use. The authors use W = 2 * n_layers * k (`default_lookahead`); it must be passed.
+- `lfu_aging`: LFU with aging, for shifting working sets (arXiv 2511.05814 proposes an LFU expert cache; SpecMD's
+  Least-Stale, arXiv 2602.03921, reduces to LRU at token granularity without speculative prefetch): an entry's
+  count since insertion decays by half every `halflife` accesses (all layers' accesses count), i.e. at position
+  i an access makes it c * 2^(-(i - i_last)/halflife) + 1; the victim has the lowest decayed count, ties to the
+  least recently used. `halflife` -> 0 approaches LRU, -> infinity LFU. Kept exactly as log2(count) + i_last /
+  halflife (`aged_score`), which never changes for untouched entries.
 - `layer_lru`: LRU that protects the cyclic working set. A layer's *visit* is a maximal run of consecutive
   accesses to that layer (a token's k experts in decode). An entry is *stale* once a whole later visit of its
   layer has passed without using it. The victim is the least recently used entry if it is stale, else the
@@ -31,13 +37,14 @@ its layer; passing a previous `CacheResult` continues from its final contents an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from numba import njit
 
-POLICIES = ("lru", "lfu", "opt", "lopt", "layer_lru")
+POLICIES = ("lru", "lfu", "opt", "lopt", "layer_lru", "lfu_aging")
 SCOPES = ("global", "per_layer")
 _NEVER = np.iinfo(np.int64).max // 4  # next use of a key never used again; far past any position + window
 _DIRECT_IDS = 1 << 22  # keys below this index state arrays directly; larger ones are renumbered densely
@@ -92,7 +99,7 @@ def default_lookahead(n_layers: int, top_k: int) -> int:
 
 def simulate_cache(keys, policy: str, capacity: int, lookahead: int | None = None,
                    layers: np.ndarray | None = None, scope: str = "global", initial=None,
-                   n_experts: int | None = None) -> CacheResult:
+                   n_experts: int | None = None, halflife: int | None = None) -> CacheResult:
     """Replay an access trace through a demand cache and report exact hits (see the module docstring).
 
     The layer of each access comes from `layers` (one int per access) or from `n_experts` (key // n_experts);
@@ -106,6 +113,10 @@ def simulate_cache(keys, policy: str, capacity: int, lookahead: int | None = Non
     if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity <= 0:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
     window = -1  # no look-ahead: OPT
+    if policy == "lfu_aging":
+        if isinstance(halflife, bool) or not isinstance(halflife, (int, np.integer)) or halflife <= 0:
+            raise ValueError(f"lfu_aging needs a positive integer halflife (in accesses), got {halflife!r}")
+        window = int(halflife)
     if policy == "lopt":
         if isinstance(lookahead, bool) or not isinstance(lookahead, (int, np.integer)) or lookahead < 0:
             raise ValueError(f"lopt needs an integer lookahead >= 0 (the authors' is 2*n_layers*k), got {lookahead!r}")
@@ -475,4 +486,45 @@ def _belady(ids, times, visits, layer_of_id, n_ids, capacity, window, init_ids, 
     return hits, cached, last, count
 
 
-_KERNELS = {"lru": _lru, "lfu": _lfu, "opt": _belady, "lopt": _belady, "layer_lru": _layer_lru}
+@njit(cache=True, inline="always")
+def aged_score(score: float, position: int, halflife: int) -> float:
+    """An entry's `lfu_aging` score after one more access at `position`: log2 of its aged count, plus
+    position / halflife (so untouched entries never need updating)."""
+    now = position / halflife
+    return now + math.log2(1.0 + 2.0 ** (score - now))
+
+
+@njit(cache=True)
+def _lfu_aging(ids, times, visits, layer_of_id, n_ids, capacity, window, init_ids, init_times, init_counts):
+    """LFU whose counts halve every `window` (the half-life) accesses; a heap by (score, last use)."""
+    cached, last, count = _state(n_ids)
+    score = np.zeros(n_ids, np.float64)
+    hits = np.zeros(ids.size, np.bool_)
+    heap, where = np.empty(capacity, np.int64), np.full(n_ids, -1)
+    size = 0
+    for i in range(init_ids.size):
+        e = init_ids[i]
+        cached[e], last[e], count[e] = True, init_times[i], init_counts[i]
+        score[e] = init_times[i] / window + math.log2(init_counts[i])
+        size = _push(heap, where, size, e, score, last)
+    for j in range(ids.size):
+        e = ids[j]
+        if cached[e]:
+            hits[j] = True
+            count[e] += 1
+            score[e], last[e] = aged_score(score[e], times[j], window), times[j]
+            _sift(heap, where, size, where[e], score, last)
+        else:
+            cached[e], count[e], last[e] = True, 1, times[j]
+            score[e] = times[j] / window
+            if size == capacity:
+                victim = heap[0]
+                cached[victim], where[victim], heap[0] = False, -1, e
+                _sift(heap, where, size, 0, score, last)
+            else:
+                size = _push(heap, where, size, e, score, last)
+    return hits, cached, last, count
+
+
+_KERNELS = {"lru": _lru, "lfu": _lfu, "opt": _belady, "lopt": _belady, "layer_lru": _layer_lru,
+            "lfu_aging": _lfu_aging}

@@ -87,12 +87,15 @@ def main(argv=None) -> None:
     if args.action == "export":
         export(args.preset, args.vocab)
         return
-    with mp.get_context("spawn").Pool(len(args.grid)) as pool:
-        results = pool.map(_one, [(args.preset, s, args.device, args.threads) for s in args.grid])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    results = []
+    with mp.get_context("spawn").Pool(len(args.grid)) as pool:
+        # rewritten as each setting finishes, so that a run cut off by a time limit keeps the settings it finished
+        for result in pool.imap_unordered(_one, [(args.preset, s, args.device, args.threads) for s in args.grid]):
+            results.append(result)
+            Path(args.out).write_text(json.dumps(results, indent=1))
     for r in results:
-        last = r["evals"][-1]
+        last = r["evals"][-1] if r["evals"] else {}
         print(r["setting"], r["seconds"], "s; best", r["best_step"], round(r["best_heldout_loss"], 4),
               "; last", {k: round(v, 3) for k, v in last.items()})
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from cfmoe.cache import POLICIES, access_keys, default_lookahead, hit_rate_curve, simulate_cache
 
 
-def reference(keys, policy, capacity, n_experts, lookahead=None, scope="global", initial=(), counts=None):
+def reference(keys, policy, capacity, n_experts, lookahead=None, scope="global", initial=(), counts=None,
+              halflife=None):
     """Pure Python, O(capacity) per miss: hits per access and the final (key, count) list, oldest first."""
     keys = [int(k) for k in keys]
     layer = [k // n_experts for k in keys]
@@ -32,11 +33,17 @@ def reference(keys, policy, capacity, n_experts, lookahead=None, scope="global",
 
     counts = [1] * len(initial) if counts is None else list(counts)
     state = {k: [t - len(initial), c] for t, (k, c) in enumerate(zip(initial, counts))}  # key -> [last, count]
+    aged = {k: float(c) for k, c in zip(initial, counts)}  # lfu_aging: the decayed count at the last access
+
+    def decayed(k, now):
+        return aged[k] * 2.0 ** (-(now - state[k][0]) / halflife)
+
     hits = []
     for i, key in enumerate(keys):
         hits.append(key in state)
         if key in state:
             state[key][1] += 1
+            aged[key] = decayed(key, i) + 1 if halflife else 0
         else:
             members = [k for k in state if pool(k) == pool(key)]
             if len(members) == capacity:
@@ -45,6 +52,8 @@ def reference(keys, policy, capacity, n_experts, lookahead=None, scope="global",
                     victim = lru
                 elif policy == "lfu":
                     victim = min(members, key=lambda k: tuple(state[k][::-1]))
+                elif policy == "lfu_aging":
+                    victim = min(members, key=lambda k: (decayed(k, i), state[k][0]))
                 elif policy == "layer_lru":
                     run_start = next(first for lay, first, end in runs if first <= i <= end)
                     spared = [k for k in members if k // n_experts == key // n_experts and state[k][0] >= run_start]
@@ -55,7 +64,7 @@ def reference(keys, policy, capacity, n_experts, lookahead=None, scope="global",
                     victim = (min(outside, key=lambda k: state[k][0]) if outside else
                               max(members, key=lambda k: (next_use(k, i - 1), -state[k][0])))
                 del state[victim]
-            state[key] = [i, 1]
+            state[key], aged[key] = [i, 1], 1.0
         state[key][0] = i
     final = sorted(state, key=lambda k: state[k][0])
     return hits, final, [state[k][1] for k in final]
@@ -96,9 +105,11 @@ def test_matches_reference_exactly(policy, scope):
             initial = np.array([key for i, key in enumerate(initial)
                                 if np.sum(initial[:i] // n_experts == key // n_experts) < capacity], np.int64)
         for start in ([], initial):
-            hits, final, counts = reference(keys, policy, capacity, n_experts, lookahead, scope, list(start))
+            halflife = lookahead + 1 if policy == "lfu_aging" else None
+            hits, final, counts = reference(keys, policy, capacity, n_experts, lookahead, scope, list(start),
+                                            halflife=halflife)
             result = simulate_cache(keys, policy, capacity, lookahead=lookahead, n_experts=n_experts,
-                                    scope=scope, initial=np.asarray(start, np.int64))
+                                    scope=scope, initial=np.asarray(start, np.int64), halflife=halflife)
             context = (policy, scope, capacity, lookahead, keys.tolist(), list(start))
             assert result.hits_mask.tolist() == hits, context
             assert result.final_keys.tolist() == final, context
@@ -109,8 +120,9 @@ def test_matches_reference_exactly(policy, scope):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_layers_array_sparse_and_negative_keys_agree(policy):
     keys, n_experts, capacity, lookahead, _ = next(cases(1))
-    base = simulate_cache(keys, policy, capacity, lookahead=lookahead, n_experts=n_experts)
-    explicit = simulate_cache(keys * 10**9 - 5, policy, capacity, lookahead=lookahead, layers=keys // n_experts)
+    base = simulate_cache(keys, policy, capacity, lookahead=lookahead, n_experts=n_experts, halflife=5)
+    explicit = simulate_cache(keys * 10**9 - 5, policy, capacity, lookahead=lookahead, layers=keys // n_experts,
+                              halflife=5)
     assert explicit.hits_mask.tolist() == base.hits_mask.tolist()
     np.testing.assert_allclose(explicit.layer_hit_rate, base.layer_hit_rate)
     assert (explicit.final_keys == base.final_keys * 10**9 - 5).all()
@@ -173,14 +185,14 @@ def test_opt_is_never_beaten(keys, capacity, lookahead, data):
     opt = simulate_cache(keys, "opt", capacity, initial=np.asarray(initial, np.int64))
     for policy in POLICIES:
         other = simulate_cache(keys, policy, capacity, lookahead=lookahead, n_experts=5,
-                               initial=np.asarray(initial, np.int64))
+                               initial=np.asarray(initial, np.int64), halflife=lookahead + 1)
         assert opt.hits >= other.hits, policy
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"capacity": 0}, "capacity must be a positive int, got 0"),
     ({"capacity": 2.5}, "capacity must be a positive int, got 2.5"),
-    ({"policy": "fifo"}, "unknown policy 'fifo'; valid: lru, lfu, opt, lopt, layer_lru"),
+    ({"policy": "fifo"}, "unknown policy 'fifo'; valid: lru, lfu, opt, lopt, layer_lru, lfu_aging"),
     ({"scope": "layer"}, "unknown scope 'layer'; valid: global, per_layer"),
     ({"keys": np.array([1.0, 2.0])}, "keys must be a 1-D integer array, got float64 of shape (2,)"),
     ({"keys": np.zeros((2, 2), np.int64)}, "keys must be a 1-D integer array, got int64 of shape (2, 2)"),

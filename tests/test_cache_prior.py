@@ -1,0 +1,78 @@
+"""Cache-conditional routing: λ = 0 is token-identical on every architecture, λ > 0 cuts misses, and the online
+cache's hits equal the exact simulator's on the routing it produced."""
+
+import numpy as np
+import pytest
+import torch
+
+from cfmoe import cache
+from cfmoe.cache_prior import OnlineCache, cache_prior, decode_teacher_forced, router_spread
+from cfmoe.moe import describe
+from cfmoe.routing import record_routing
+from tiny_models import ARCHITECTURES, tiny_moe, tiny_tokenizer
+
+IDS = torch.randint(3, 100, (3, 24), generator=torch.Generator().manual_seed(0))
+
+
+def run(lm, lam, capacity, policy="lru", scope="global", delta=None, halflife=None):
+    info = describe(lm)
+    online = OnlineCache(IDS.shape[0], len(info.layers), info.n_experts, capacity, policy, scope, halflife)
+    with cache_prior(lm, online, lam, delta), record_routing(lm) as recorder:
+        nll, misses = decode_teacher_forced(lm, IDS, online)
+    experts = np.concatenate([e for e, _ in recorder.calls()]).reshape(IDS.shape[1], IDS.shape[0], len(info.layers), -1)
+    return nll, misses, experts.transpose(1, 0, 2, 3), online
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lambda_zero_is_token_identical(arch):
+    lm, tok = tiny_moe(arch, n_experts=8, top_k=2, n_layers=2), tiny_tokenizer()
+    prompt = tok(["the cat sat"], return_tensors="pt")
+    plain = lm.generate(**prompt, max_new_tokens=12, do_sample=False)
+    reference = lm(input_ids=plain).logits
+    for lam, capacity in ((0.0, 3), (5.0, 16)):  # λ = 0, and a bonus on every expert (all cached): no change
+        online = OnlineCache(1, 2, 8, capacity)
+        if capacity == 16:
+            online.access(0, np.arange(8)[None]), online.access(1, np.arange(8)[None])
+        with cache_prior(lm, online, lam):
+            assert torch.equal(lm.generate(**prompt, max_new_tokens=12, do_sample=False), plain)
+            assert torch.equal(lm(input_ids=plain).logits, reference)
+        assert online.hits.sum() + online.misses.sum() > 2 * 2 * 12
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_a_bonus_cuts_misses_and_keeps_the_router_weights_rule(arch):
+    lm = tiny_moe(arch, n_experts=8, top_k=2, n_layers=2)
+    delta = router_spread(lm, IDS)
+    assert len(delta) == 2 and all(d > 0 for d in delta)
+    nll0, misses0, _, _ = run(lm, 0.0, 4, delta=delta)
+    nll1, misses1, experts, _ = run(lm, 1.0, 4, delta=delta)
+    assert misses1.sum() < misses0.sum()
+    assert np.isfinite(nll1).all() and not np.array_equal(nll0, nll1)
+    assert (np.sort(experts, -1)[..., 1:] != np.sort(experts, -1)[..., :-1]).all()  # k distinct experts
+
+
+@pytest.mark.parametrize("policy,scope,halflife", [("lru", "global", None), ("lru", "per_layer", None),
+                                                   ("lfu", "global", None), ("lfu_aging", "global", 7),
+                                                   ("lfu_aging", "per_layer", 3)])
+def test_online_hits_equal_the_exact_simulator(policy, scope, halflife):
+    lm = tiny_moe("olmoe", n_experts=8, top_k=2, n_layers=3)
+    capacity = 3 if scope == "per_layer" else 7
+    _, misses, experts, online = run(lm, 2.0, capacity, policy, scope, router_spread(lm, IDS), halflife)
+    for row in range(IDS.shape[0]):
+        keys = cache.access_keys(experts[row], 8)
+        result = cache.simulate_cache(keys, policy, capacity, scope=scope, n_experts=8, halflife=halflife)
+        assert result.misses == misses[row] == online.misses[row]
+
+
+def test_bad_settings_name_the_value():
+    lm = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2)
+    with pytest.raises(ValueError, match="capacity must be in 1..16"):
+        OnlineCache(1, 2, 8, 17)
+    with pytest.raises(ValueError, match="unknown policy 'mru'"):
+        OnlineCache(1, 2, 8, 4, "mru")
+    with pytest.raises(ValueError, match="lam must be >= 0, got -1"):
+        with cache_prior(lm, OnlineCache(1, 2, 8, 4), -1.0):
+            pass
+    with pytest.raises(ValueError, match="the cache has 3 layers"):
+        with cache_prior(lm, OnlineCache(1, 3, 8, 4), 1.0):
+            pass
