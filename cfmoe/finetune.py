@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from . import data
@@ -44,6 +46,68 @@ def locality_term(kind: str, top_k: int):
         return loss_fn(layers, consecutive_pair_mask(mask, batch.get("document_ids")))
 
     return term
+
+
+METHODS = ("lora", "router_kl")
+
+
+def router_only(lm) -> list:
+    """Freeze every parameter but the MoE routers' (ReMoE's setting); returns the routers."""
+    from .moe import describe
+
+    routers = [layer.router for layer in describe(lm).layers]
+    for param in lm.parameters():
+        param.requires_grad_(False)
+    for router in routers:
+        for param in router.parameters():
+            param.requires_grad_(True)
+    return routers
+
+
+def _log_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Log of the router's probability vector, float32 (sigmoid scores normalised to sum 1)."""
+    logits = logits.float()
+    if scoring == "sigmoid":
+        return F.logsigmoid(logits) - torch.logsumexp(F.logsigmoid(logits), dim=-1, keepdim=True)
+    return logits.log_softmax(-1)
+
+
+class TrustKL:
+    """ReMoE's "Trust-KL" anchor: KL(q || p) from each MoE layer's frozen original router q (applied to the same
+    hidden states) to the router being tuned p, mean over tokens and layers. `attach` hooks the routers; the
+    term reads the anchors of the latest forward pass."""
+
+    def __init__(self, lm):
+        from .moe import describe
+
+        self.layers = describe(lm).layers
+        self.frozen = [copy.deepcopy(layer.router).requires_grad_(False) for layer in self.layers]
+        self.anchors: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.handles = []
+
+    def attach(self) -> "TrustKL":
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.router.register_forward_hook(self._hook(i)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            with torch.no_grad():
+                self.anchors[i] = _log_probs(self.frozen[i](*args)[0], self.layers[i].scoring)
+        return hook
+
+    def __call__(self, router_logits, batch) -> torch.Tensor:
+        layers = [logits for logits in router_logits if logits is not None]
+        terms = []
+        for layer, logits, anchor in zip(self.layers, layers, self.anchors):
+            logp = _log_probs(logits.reshape(-1, logits.shape[-1]), layer.scoring)
+            terms.append((anchor.exp() * (anchor - logp)).sum(-1).mean())
+        return torch.stack(terms).mean()
 
 
 @dataclass
@@ -101,8 +165,13 @@ def last_complete_checkpoint(folder) -> str | None:
 
 def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: int, seed: int = 0,
              device: str = "cpu", layers: list[int] | None = None, output_dir: str | None = None,
-             save_every: int = 0, resume: bool = False) -> FinetuneResult:
+             save_every: int = 0, resume: bool = False, method: str = "lora", anchor_weight: float = 0.0
+             ) -> FinetuneResult:
     """Fine-tune `lm` for `ft.steps` steps (LoRA on MoE `layers`, all when None); weight 0 is the control.
+
+    `method="router_kl"` is ReMoE's recipe (arXiv 2605.27081) as its abstract describes it: every parameter but
+    the routers frozen, the locality loss plus `anchor_weight` x the Trust-KL anchor to the original routing
+    (`TrustKL`); `layers` must then be None.
 
     With `output_dir` and `save_every`, checkpoints go to `output_dir` and `resume=True` continues from the
     newest complete one (`last_complete_checkpoint`). A non-finite loss stops training with a FloatingPointError
@@ -115,9 +184,20 @@ def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: in
     from .daft import check_layers, lora_model, trainable_parameters
     from .moe import describe
 
+    if method not in METHODS:
+        raise ValueError(f"unknown fine-tuning method {method!r}; valid: {', '.join(METHODS)}")
+    if not anchor_weight >= 0:
+        raise ValueError(f"anchor_weight must be >= 0, got {anchor_weight}")
+    if method == "router_kl" and layers is not None:
+        raise ValueError(f"method 'router_kl' tunes every router; layers must be None, got {layers}")
     check_layers(layers, len(describe(lm).layers))
     torch.manual_seed(seed)  # LoRA's initialisation
-    lm = lora_model(lm, layers, ft.lora_rank) if ft.lora_rank else lm
+    anchor = None
+    if method == "router_kl":
+        router_only(lm)
+        anchor = TrustKL(lm).attach() if anchor_weight > 0 else None
+    elif ft.lora_rank:
+        lm = lora_model(lm, layers, ft.lora_rank)
     _reset_peak_memory(device)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
@@ -129,11 +209,17 @@ def finetune(lm, blocks, ft: FinetuneConfig, kind: str, weight: float, top_k: in
             bf16=device == "cuda", report_to=[], remove_unused_columns=False, disable_tqdm=True,
         )
         extra = {"locality_loss": (weight, locality_term(kind, top_k))} if weight > 0 else {}
+        if anchor is not None:
+            extra["trust_kl"] = (anchor_weight, anchor)
         trainer = MoETrainer(model=lm, args=args, train_dataset=blocks, aux_loss_coef=ft.aux_loss_coef,
                              top_k=top_k, extra_losses=extra)
         started = time.perf_counter()
         last = last_complete_checkpoint(output_dir) if resume and output_dir else None
-        trainer.train(resume_from_checkpoint=last)
+        try:
+            trainer.train(resume_from_checkpoint=last)
+        finally:
+            if anchor is not None:
+                anchor.detach()
         seconds = time.perf_counter() - started
     lm.eval()
     return FinetuneResult(lm, trainer.state.log_history, seconds, trainable_parameters(lm), _peak_memory_mb(device))

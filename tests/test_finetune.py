@@ -70,6 +70,33 @@ def test_finetune_changes_routing_and_rejects_bad_input():
             finetune.finetune(tiny_moe("qwen2_moe"), blocks, ft, kind="js", weight=1.0, top_k=2, layers=layers)
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_router_kl_trains_only_routers_and_its_anchor_starts_at_zero(arch):
+    lm = tiny_moe(arch)
+    ids = np.random.default_rng(0).integers(3, 128, size=(8, 16))
+    blocks = datasets.Dataset.from_dict({"input_ids": ids, "document_ids": np.zeros_like(ids),
+                                         "labels": ids}).with_format("torch")
+    anchor = finetune.TrustKL(lm).attach()
+    out = lm(input_ids=torch.as_tensor(ids[:2]), output_router_logits=True)
+    assert anchor(out.router_logits, {}).item() == pytest.approx(0.0, abs=1e-6)  # the original routing: KL 0
+    anchor.detach()
+    before = {name: p.clone() for name, p in lm.named_parameters()}
+    hooks = sum(len(m._forward_hooks) for m in lm.modules())
+    ft = FinetuneConfig(steps=3, batch_size=4, warmup_steps=0, learning_rate=5e-2, lora_rank=4)
+    result = finetune.finetune(lm, blocks, ft, kind="js", weight=1.0, top_k=2, method="router_kl",
+                               anchor_weight=1.0)
+    changed = {name for name, p in result.model.named_parameters() if not torch.equal(p, before[name])}
+    routers = {name for name in before if name.endswith(("mlp.gate.weight", "mlp.router.weight", "mlp.router.bias"))}
+    assert changed and changed <= routers
+    assert result.trainable_params == sum(before[name].numel() for name in routers)
+    assert any(row.get("trust_kl", 0) > 0 for row in result.log)
+    assert sum(len(m._forward_hooks) for m in result.model.modules()) == hooks  # the anchor's hooks removed
+    with pytest.raises(ValueError, match="unknown fine-tuning method 'adapter'"):
+        finetune.finetune(lm, blocks, ft, kind="js", weight=1.0, top_k=2, method="adapter")
+    with pytest.raises(ValueError, match="layers must be None, got \\[1\\]"):
+        finetune.finetune(lm, blocks, ft, kind="js", weight=1.0, top_k=2, method="router_kl", layers=[1])
+
+
 def test_never_finetunes_on_the_test_or_validation_split():
     for split in ("test", "validation"):
         with pytest.raises(ValueError, match=f"never fine-tune on the '{split}' split"):
