@@ -486,6 +486,14 @@ def _belady(ids, times, visits, layer_of_id, n_ids, capacity, window, init_ids, 
     return hits, cached, last, count
 
 
+AGING_HALFLIFE_TOKENS = 8  # lfu_aging's default half-life: 8 tokens' accesses of every layer (not tuned)
+
+
+def aging_halflife(n_layers: int, top_k: int, tokens: int = AGING_HALFLIFE_TOKENS) -> int:
+    """lfu_aging's half-life in accesses for `tokens` decode tokens of a model with `n_layers` MoE layers, top-k."""
+    return int(tokens * n_layers * top_k)
+
+
 @njit(cache=True, inline="always")
 def aged_score(score: float, position: int, halflife: int) -> float:
     """An entry's `lfu_aging` score after one more access at `position`: log2 of its aged count, plus

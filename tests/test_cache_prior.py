@@ -76,3 +76,36 @@ def test_bad_settings_name_the_value():
     with pytest.raises(ValueError, match="the cache has 3 layers"):
         with cache_prior(lm, OnlineCache(1, 3, 8, 4), 1.0):
             pass
+
+
+def test_replayed_misses_equal_the_online_cache_without_the_prior():
+    from cfmoe.stages import beyond_cfmoe
+
+    lm = tiny_moe("qwen3_moe", n_experts=8, top_k=2, n_layers=2)
+    point = beyond_cfmoe.decode(lm, IDS, 0.25, "lru", 0.0, None)
+    replayed = beyond_cfmoe.replayed_misses(point["experts"], 8, 2)
+    lru = next(r for r in replayed if r["cache_share"] == 0.25 and r["policy"] == "lru")
+    assert lru["decode_misses_per_token"] == point["misses_per_token"]
+    for row in replayed:
+        online = beyond_cfmoe.decode(lm, IDS, row["cache_share"], row["policy"], 0.0, None)
+        assert online["misses_per_token"] == row["decode_misses_per_token"]
+        assert online["ppl"] == point["ppl"]
+
+
+def test_lambda_choice_and_changes_against_the_control():
+    import pandas as pd
+
+    from cfmoe.stages import beyond_cfmoe
+
+    alone = pd.DataFrame({"method": ["control", "control", "cfmoe", "cfmoe"], "seed": [0, 1, 0, 1],
+                          "val_ppl": [100.0, 102.0, 103.0, 103.0]})
+    sweep = pd.DataFrame({"method": ["cache_prior"] * 4 + ["cfmoe+cache_prior"] * 2, "seed": [0, 1, 0, 1, 0, 0],
+                          "lam": [0.1, 0.1, 0.2, 0.2, 0.1, 0.2], "val_ppl": [101.5, 102.5, 103.0, 103.5, 109, 110]})
+    # control alone 101 (mean), budget 102.01: λ 0.1 (102.0) fits, 0.2 (103.25) does not; nothing fits CFMoE's
+    assert beyond_cfmoe.choose_lambdas(sweep, alone) == {"cache_prior": 0.1, "cfmoe+cache_prior": 0.1}
+    methods = pd.DataFrame({"method": ["control", "cfmoe"], "seed": [0, 0], "cache_share": [0.25, 0.25],
+                            "policy": ["lru", "lru"], "decode_misses_per_token": [20.0, 15.0],
+                            "test_ppl": [100.0, 102.0], "val_ppl": [1.0, 1.0]})
+    changed = beyond_cfmoe.with_changes(methods)
+    assert changed.misses_vs_control.tolist() == [0.0, -0.25]
+    assert changed.ppl_vs_control.round(6).tolist() == [0.0, 0.02]

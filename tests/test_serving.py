@@ -49,7 +49,7 @@ def test_greedy_generation_is_token_identical_across_budgets_and_modes(arch, tmp
         assert (stats["prefetched"] > 0) == prefetch and stats["prefetch_used"] <= stats["prefetched"]
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfu_aging"])
 def test_engine_hits_follow_the_cache_semantics(policy, tmp_path):
     """Decode through the engine = the simulator, under the same policy, on the accesses the engine saw."""
     lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=3), tiny_tokenizer()
@@ -66,7 +66,7 @@ def test_engine_hits_follow_the_cache_semantics(policy, tmp_path):
 
     engine._place = spy
     _, stats = engine.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
-    sim = cache.simulate_cache(np.array(accesses), policy, 4, n_experts=8)
+    sim = cache.simulate_cache(np.array(accesses), policy, 4, n_experts=8, halflife=cache.aging_halflife(3, 2))
     assert (stats["decode_hits"], stats["decode_misses"]) == (sim.hits, sim.misses)
     assert stats["decode_bytes_read"] == sim.misses * engine.expert_bytes
 

@@ -298,3 +298,31 @@ def predicted_vs_measured(prediction: pd.DataFrame) -> plt.Figure:
     grid.set_axis_labels("measured decode tokens/s (median over repeats)",
                          f"predicted decode tokens/s (band: ±{claims.COST_MODEL_ERROR.bound:.0%})")
     return grid.figure
+
+
+def beyond_pareto(methods: pd.DataFrame, sweep: pd.DataFrame) -> plt.Figure:
+    """Notebook 06: decode misses per token against test perplexity per share of experts cached (seed means;
+    LRU filled, LFU with aging hollow), and the validation λ sweep of the cache prior at 25% under LRU."""
+    means = methods.groupby(["method", "cache_share", "policy"], as_index=False)[
+        ["decode_misses_per_token", "test_ppl"]].mean()
+    shares = sorted(means.cache_share.unique())
+    fig, axes = plt.subplots(1, len(shares) + 1, figsize=(4.2 * (len(shares) + 1), 3.8))
+    palette = dict(zip(sorted(means.method.unique()), sns.color_palette("colorblind")))
+    for ax, share in zip(axes, shares):
+        for (method, policy), row in means[means.cache_share == share].groupby(["method", "policy"]):
+            ax.scatter(row.decode_misses_per_token, row.test_ppl, s=50, color=palette[method],
+                       facecolors=palette[method] if policy == "lru" else "none",
+                       label=method if policy == "lru" else None)
+        ax.set(title=f"{share:.1%} of experts cached (test)", xlabel="decode misses per token",
+               ylabel="test perplexity")
+    axes[0].legend(fontsize=7)
+    curve = sweep.groupby(["method", "lam"], as_index=False)[["val_misses_per_token", "val_ppl"]].mean()
+    for method, group in curve.groupby("method"):
+        axes[-1].plot(group.val_misses_per_token, group.val_ppl, "o-", color=palette.get(method), label=method)
+        for _, row in group.iterrows():
+            axes[-1].annotate(f"λ={row.lam:g}", (row.val_misses_per_token, row.val_ppl), fontsize=6)
+    axes[-1].set(title="cache prior: λ sweep, 25%, LRU (validation)", xlabel="decode misses per token",
+                 ylabel="validation perplexity")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

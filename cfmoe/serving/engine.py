@@ -24,6 +24,7 @@ seeds the cache per layer from the prompt's last tokens (copied from the staging
 
 from __future__ import annotations
 
+import heapq
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +33,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import moe
+from .. import cache, moe
 from ..cache import SCOPES
 from ..serving_sim import MODES, layer_seeds, seed_quota
 from .store import ExpertStore, expert_parameters, write_store
 
-POLICIES = ("lru", "lfu")
+POLICIES = ("lru", "lfu", "lfu_aging")
 
 
 def reset_cuda_peak() -> int:
@@ -50,14 +51,17 @@ def reset_cuda_peak() -> int:
 class SlotCache:
     """Which (layer, expert) sits in which fast-memory slot, and the policy's victim choice, in O(1) per access.
 
-    `lru` evicts the least recently used; `lfu` the fewest accesses since insertion, ties least recently used
-    (the semantics of `cfmoe.cache`). With `per_layer` scope each layer owns `capacity` slots. Each pool keeps
+    `lru` evicts the least recently used; `lfu` the fewest accesses since insertion, ties least recently used;
+    `lfu_aging` the lowest count decayed with its half-life (the semantics of `cfmoe.cache`; a heap, O(log n)).
+    With `per_layer` scope each layer owns `capacity` slots. Each pool keeps
     its entries in buckets by access count (one bucket for LRU), each bucket in recency order, so the victim is
     the first key, skipping the pinned ones, of the lowest bucket.
     """
 
-    def __init__(self, capacity: int, policy: str, scope: str, n_layers: int):
+    def __init__(self, capacity: int, policy: str, scope: str, n_layers: int, halflife: int | None = None):
         self.capacity, self.policy, self.scope, self.n_layers = capacity, policy, scope, n_layers
+        self.halflife, self.clock = halflife, 0  # lfu_aging: its half-life and the accesses so far
+        self.heaps: dict[int, list] = {}  # lfu_aging: pool -> heap of (score, last use, key), stale entries skipped
         pools = n_layers if scope == "per_layer" else 1
         self.n_slots = capacity * pools
         self.free = {pool: list(range(pool * capacity, (pool + 1) * capacity))[::-1] for pool in range(pools)}
@@ -72,8 +76,36 @@ class SlotCache:
         return self.slot.get(key)
 
     def touch(self, key) -> None:
+        if self.policy == "lfu_aging":
+            self._age(key, cache.aged_score(self.count[key][0], self.clock, self.halflife))
+            return
         old = self._unfile(key)
         self._file(key, old + 1 if self.policy == "lfu" else 0)
+        self.clock += 1
+
+    def _age(self, key, score: float) -> None:
+        """lfu_aging: file `key` with `score` at this access (`cfmoe.cache`'s log-domain aged count)."""
+        self.count[key] = (score, self.clock)
+        heapq.heappush(self.heaps.setdefault(self._pool(key), []), (score, self.clock, key))
+        self.clock += 1
+
+    def _aged_victim(self, pool: int, pinned):
+        """The lowest (score, last use) entry of `pool` not in `pinned`, taken out; None if all are pinned."""
+        heap, skipped, victim = self.heaps.get(pool, []), [], None
+        while heap:
+            score, last, key = heapq.heappop(heap)
+            if self.count.get(key) != (score, last) or key not in self.slot:
+                continue  # stale: the key was touched again or evicted since
+            if key in pinned:
+                skipped.append((score, last, key))
+                continue
+            victim = key
+            break
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        if victim is not None:
+            del self.count[victim]
+        return victim
 
     def _file(self, key, count: int) -> None:
         self.count[key] = count
@@ -94,14 +126,22 @@ class SlotCache:
         if self.free[pool]:
             slot = self.free[pool].pop()
         else:
-            buckets = self.buckets[pool]
-            evicted = next((k for count in sorted(buckets) for k in buckets[count] if k not in pinned), None)
+            if self.policy == "lfu_aging":
+                evicted = self._aged_victim(pool, pinned)
+            else:
+                buckets = self.buckets[pool]
+                evicted = next((k for count in sorted(buckets) for k in buckets[count] if k not in pinned), None)
+                if evicted is not None:
+                    self._unfile(evicted)
             if evicted is None:
                 raise RuntimeError("no evictable slot: every cached expert is needed by the current call")
-            self._unfile(evicted)
             slot = self.slot.pop(evicted)
         self.slot[key] = slot
-        self._file(key, 1 if self.policy == "lfu" else 0)  # inserted by an access
+        if self.policy == "lfu_aging":
+            self._age(key, self.clock / self.halflife)  # inserted by an access: a count of 1
+        else:
+            self._file(key, 1 if self.policy == "lfu" else 0)
+            self.clock += 1
         return slot, evicted
 
     def room(self, key, pinned) -> int:
@@ -182,7 +222,7 @@ class OffloadEngine:
         if getattr(self, "_pending", None) is not None:
             self._wait()
         self.mode = mode
-        self.cache = SlotCache(int(capacity), policy, scope, n_layers)
+        self.cache = SlotCache(int(capacity), policy, scope, n_layers, cache.aging_halflife(n_layers, info.top_k))
         self.staging = n_experts if mode != "unified" else 0
         self.n_slots = self.cache.n_slots + self.staging
         self.counters = Counters()

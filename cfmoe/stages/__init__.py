@@ -11,8 +11,9 @@ and verdicts from `cfmoe.claims`.
 
 from __future__ import annotations
 
-from . import base_model, cache_management, ecr_wikitext, fine_tuning, router_design, serving
+from . import base_model, beyond_cfmoe, cache_management, ecr_wikitext, fine_tuning, router_design, serving
 
 # stage name -> module, in chain order (notebook NN)
 STAGES = {module.NOTEBOOK.split("_", 1)[1]: module
-          for module in (base_model, router_design, fine_tuning, cache_management, ecr_wikitext, serving)}
+          for module in (base_model, router_design, fine_tuning, cache_management, ecr_wikitext, serving,
+                         beyond_cfmoe)}

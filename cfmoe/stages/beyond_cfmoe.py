@@ -1,0 +1,228 @@
+"""Notebook 06 (`06_beyond_cfmoe`): CFMoE against its peers on one harness, and whether they add up.
+
+    python -m cfmoe.stages beyond_cfmoe --preset cpu
+
+Methods, all from the same base model, data, steps and seeds (`finetune.seeds`):
+- `control`: notebook 02's LoRA control; `cfmoe`: notebook 02's CFMoE (notebook 01's chosen loss and weight).
+- `remoe`: ReMoE's recipe (`finetune.finetune(method="router_kl")`): routers only, the same locality loss plus a
+  Trust-KL anchor (weight `ANCHOR_WEIGHT`) to the original routers. Its locality weight gets notebook 01's
+  budget rule: short runs at `REMOE_WEIGHT_FACTORS` x CFMoE's weight, the largest validation ECR within
+  `router_design.max_ppl_increase` of a control trained as long (seed 0).
+- `cache_prior`: the control with cache-conditional routing (`cache_prior.py`) at bonus λ·Δ; `cfmoe+cache_prior`
+  the same on CFMoE. λ is swept on validation at 25% of experts cached under LRU; the chosen λ is the largest
+  whose validation perplexity stays within `PRIOR_PPL_BUDGET` of the same model without the prior.
+
+Every model decodes teacher-forced validation and test blocks token by token, each block a request with its own
+cold cache of `share` x (layers x experts) entries (global pool), so routing can depend on the cache. Without the
+prior, routing does not depend on the cache and the recorded routing is replayed exactly through every share
+and policy (`cache.simulate_cache`, equal to the online cache; tested). Decode misses per token and perplexity
+come from the same pass. Policies: LRU and `lfu_aging` (half-life `cache.AGING_HALFLIFE_TOKENS` tokens, fixed,
+not tuned).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import cache, evaluate, finetune, moe, stats
+from ..cache_prior import OnlineCache, cache_prior, decode_teacher_forced, router_spread
+from ..config import StudyConfig
+from ..determinism import make_deterministic
+from ..present import plots
+from ..provenance import save_figure, save_table
+from ..routing import record_routing
+from . import router_design, runs
+
+NOTEBOOK = "06_beyond_cfmoe"
+SHARES = (0.125, 0.25, 0.5)
+POLICIES = ("lru", "lfu_aging")
+LAMBDAS = (0.01, 0.02, 0.05, 0.1, 0.2)
+SWEEP = (0.25, "lru")  # where λ is chosen
+PRIOR_PPL_BUDGET = 0.01  # the prior may cost at most this much validation perplexity over its model alone
+ANCHOR_WEIGHT = 1.0
+REMOE_WEIGHT_FACTORS = (0.3, 1.0, 3.0, 10.0)
+GOAL_CUT = 0.5  # the issue's goal: the best stack cuts decode misses per token by >= 50% vs the control
+GOAL_PPL = 0.01  # ... at <= 1% perplexity increase
+
+
+def _ids(cfg: StudyConfig, tokenizer, split: str) -> torch.Tensor:
+    tokens = cfg.router_design.eval_tokens if split == "validation" else cfg.finetune.eval_tokens
+    return torch.as_tensor(evaluate.test_blocks(tokenizer, cfg.finetune.block_size, tokens, split)["input_ids"])
+
+
+def decode(lm, ids: torch.Tensor, share: float, policy: str, lam: float, delta) -> dict:
+    """One teacher-forced token-by-token pass with the cache in the loop: perplexity, misses, the routing."""
+    info = moe.describe(lm)
+    n_layers, n_experts = len(info.layers), info.n_experts
+    online = OnlineCache(ids.shape[0], n_layers, n_experts, capacity(share, n_layers, n_experts), policy,
+                         halflife=cache.aging_halflife(n_layers, info.top_k))
+    with cache_prior(lm, online, lam, delta), record_routing(lm) as recorder:
+        nll, misses = decode_teacher_forced(lm, ids, online)
+    experts = np.concatenate([e for e, _ in recorder.calls()]).reshape(ids.shape[1], ids.shape[0], n_layers, -1)
+    return {"ppl": float(np.exp(nll.sum() / (ids.shape[0] * (ids.shape[1] - 1)))),
+            "misses_per_token": float(misses.sum() / ids.numel()), "experts": experts.transpose(1, 0, 2, 3)}
+
+
+def capacity(share: float, n_layers: int, n_experts: int) -> int:
+    return int(np.clip(round(share * n_layers * n_experts), 1, n_layers * n_experts))
+
+
+def replayed_misses(experts: np.ndarray, n_experts: int, top_k: int) -> list[dict]:
+    """Decode misses per token of recorded routing (rows, T, layers, k), each row its own cold cache, for every
+    share and policy: exact replays (the routing did not depend on the cache)."""
+    n_layers = experts.shape[2]
+    rows = []
+    for share in SHARES:
+        for policy in POLICIES:
+            size = capacity(share, n_layers, n_experts)
+            misses = sum(cache.simulate_cache(cache.access_keys(row, n_experts), policy, size,
+                                              halflife=cache.aging_halflife(n_layers, top_k)).misses
+                         for row in experts)
+            rows.append({"cache_share": share, "policy": policy,
+                         "decode_misses_per_token": misses / (experts.shape[0] * experts.shape[1])})
+    return rows
+
+
+def _remoe_weight(cfg: StudyConfig, lm, tokenizer, blocks, choice: dict, top_k: int) -> tuple[float, pd.DataFrame]:
+    """ReMoE's locality weight by notebook 01's rule, on validation text, seed 0, `router_design.steps` steps."""
+    design = cfg.router_design
+    short = dataclasses.replace(cfg.finetune, steps=design.steps)
+    rows = []
+    for method, weight in [("control", 0.0)] + [("remoe", choice["weight"] * f) for f in REMOE_WEIGHT_FACTORS]:
+        train = finetune.finetune(copy.deepcopy(lm), blocks, short, kind=choice["kind"], weight=weight, top_k=top_k,
+                                  seed=0, device=cfg.device, method="lora" if method == "control" else "router_kl",
+                                  anchor_weight=ANCHOR_WEIGHT)
+        rows.append({"method": method, "locality_weight": weight, **_val_scores(cfg, train.model, tokenizer)})
+    sweep = pd.DataFrame(rows)
+    control = sweep[sweep.method == "control"].iloc[0]
+    sweep["ppl_vs_control"] = sweep.val_ppl / control.val_ppl - 1
+    ok = sweep[(sweep.method == "remoe") & (sweep.ppl_vs_control <= design.max_ppl_increase)]
+    chosen = ok.sort_values("val_ecr").iloc[-1] if len(ok) else sweep[sweep.method == "remoe"].iloc[0]
+    sweep["chosen"] = (sweep.method == "remoe") & (sweep.locality_weight == chosen.locality_weight)
+    return float(chosen.locality_weight), sweep
+
+
+def _val_scores(cfg: StudyConfig, lm, tokenizer) -> dict:
+    blocks = evaluate.test_blocks(tokenizer, cfg.finetune.block_size, cfg.router_design.eval_tokens, "validation")
+    ppl, experts = evaluate.record_test(lm, blocks, cfg.eval.batch_size)
+    located = evaluate.locality(ppl, experts, blocks)
+    return {"val_ppl": located["test_ppl"], "val_ecr": located["test_ecr"]}
+
+
+def _compute(cfg: StudyConfig, force: bool = False) -> dict:
+    make_deterministic(cfg.seed, cfg.threads)
+    out = cfg.results_dir(NOTEBOOK)
+    ft = cfg.finetune
+    base, tokenizer = runs.load_base(cfg)
+    info = moe.describe(base)
+    choice = router_design.load_choice(cfg)
+    blocks = finetune.finetune_blocks(tokenizer, ft.block_size)
+    ids = {split: _ids(cfg, tokenizer, split) for split in ("validation", "test")}
+    remoe_weight, remoe_sweep = _remoe_weight(cfg, base, tokenizer, blocks, choice, info.top_k)
+
+    rows, sweep_rows = [], []
+    for seed in ft.seeds:
+        models, _ = runs.load_runs(cfg, seed)
+        train = finetune.finetune(copy.deepcopy(base), blocks, ft, kind=choice["kind"], weight=remoe_weight,
+                                  top_k=info.top_k, seed=seed, device=cfg.device, method="router_kl",
+                                  anchor_weight=ANCHOR_WEIGHT)
+        tuned = {"control": models["lora_control"], "remoe": train.model, "cfmoe": models["cfmoe"]}
+        for method, lm in tuned.items():  # alone: one pass per split, replayed through every cache
+            passes = {split: decode(lm, x, *SWEEP, 0.0, None) for split, x in ids.items()}
+            for row in replayed_misses(passes["test"]["experts"], info.n_experts, info.top_k):
+                rows.append({"method": method, "seed": seed, "lam": 0.0, **row,
+                             "val_ppl": passes["validation"]["ppl"], "test_ppl": passes["test"]["ppl"]})
+        for method, model_name in (("cache_prior", "control"), ("cfmoe+cache_prior", "cfmoe")):
+            lm = tuned[model_name]
+            delta = router_spread(lm, ids["validation"][:8])
+            for lam in LAMBDAS:
+                point = decode(lm, ids["validation"], *SWEEP, lam, delta)
+                sweep_rows.append({"method": method, "seed": seed, "lam": lam, "val_ppl": point["ppl"],
+                                   "val_misses_per_token": point["misses_per_token"]})
+        del models, train, tuned
+    sweep = pd.DataFrame(sweep_rows)
+    alone = pd.DataFrame(rows)
+    chosen = choose_lambdas(sweep, alone)
+
+    for seed in ft.seeds:  # the chosen λ, every share, on validation and test
+        models, _ = runs.load_runs(cfg, seed)
+        for method, model_name in (("cache_prior", "lora_control"), ("cfmoe+cache_prior", "cfmoe")):
+            lm = models[model_name]
+            delta = router_spread(lm, ids["validation"][:8])
+            for share in SHARES:
+                val = decode(lm, ids["validation"], share, "lru", chosen[method], delta)
+                test = decode(lm, ids["test"], share, "lru", chosen[method], delta)
+                rows.append({"method": method, "seed": seed, "lam": chosen[method], "cache_share": share,
+                             "policy": "lru", "decode_misses_per_token": test["misses_per_token"],
+                             "val_ppl": val["ppl"], "test_ppl": test["ppl"]})
+        del models
+    methods = with_changes(pd.DataFrame(rows))
+    summary = stats.summarize(methods, ["method", "cache_share", "policy"],
+                              ["decode_misses_per_token", "misses_vs_control", "val_ppl", "test_ppl",
+                               "ppl_vs_control"])
+    extra = {"choice": choice, "remoe_weight": remoe_weight, "anchor_weight": ANCHOR_WEIGHT, "lambdas": chosen,
+             "halflife_tokens": cache.AGING_HALFLIFE_TOKENS, "seeds": list(ft.seeds), "selected_on": "validation",
+             "interval": "mean over seeds and its 95% Student-t interval"}
+    save_table(methods, out / "methods", cfg, **extra)
+    save_table(summary, out / "methods_summary", cfg, **extra)
+    save_table(sweep, out / "lambda_sweep", cfg, **extra)
+    save_table(remoe_sweep, out / "remoe_sweep", cfg, **extra)
+    verdict = verdicts(summary, sweep)
+    return {"methods": methods, "summary": summary, "sweep": sweep, "remoe_sweep": remoe_sweep, "chosen": chosen,
+            "remoe_weight": remoe_weight, "verdicts": verdict}
+
+
+def choose_lambdas(sweep: pd.DataFrame, alone: pd.DataFrame) -> dict[str, float]:
+    """Per prior method, the largest λ whose seed-mean validation perplexity is within PRIOR_PPL_BUDGET of its
+    model alone (seed means; the smallest λ when none is)."""
+    reference = {"cache_prior": "control", "cfmoe+cache_prior": "cfmoe"}
+    chosen = {}
+    for method, group in sweep.groupby("method"):
+        own = alone[(alone.method == reference[method])].groupby("seed").val_ppl.first().mean()
+        means = group.groupby("lam").val_ppl.mean()
+        ok = means[means <= own * (1 + PRIOR_PPL_BUDGET)]
+        chosen[method] = float(ok.index.max() if len(ok) else means.index.min())
+    return chosen
+
+
+def with_changes(methods: pd.DataFrame) -> pd.DataFrame:
+    """Misses and perplexity against the control of the same seed, share and policy."""
+    control = methods[methods.method == "control"].set_index(["seed", "cache_share", "policy"])
+    key = pd.MultiIndex.from_frame(methods[["seed", "cache_share", "policy"]])
+    methods = methods.copy()
+    methods["misses_vs_control"] = (methods.decode_misses_per_token.to_numpy()
+                                    / control.decode_misses_per_token.reindex(key).to_numpy() - 1)
+    methods["ppl_vs_control"] = methods.test_ppl.to_numpy() / control.test_ppl.reindex(key).to_numpy() - 1
+    return methods
+
+
+def verdicts(summary: pd.DataFrame, sweep: pd.DataFrame) -> list[str]:
+    """The issue's questions, at 25% of experts cached under LRU, on test (means over seeds, 95% intervals)."""
+    at = summary[(summary.cache_share == SWEEP[0]) & (summary.policy == SWEEP[1])].set_index("method")
+
+    def show(method, col, spec="+.1%"):
+        row = at.loc[method]
+        return stats.format_interval((row[col], row[f"{col}_low"], row[f"{col}_high"]), spec)
+
+    lines = []
+    for method in at.index.drop("control"):
+        cut, cost = at.loc[method, "misses_vs_control"], at.loc[method, "ppl_vs_control"]
+        met = at.loc[method, "misses_vs_control_high"] <= -GOAL_CUT and at.loc[method, "ppl_vs_control_high"] <= GOAL_PPL
+        lines.append(f"{method}: decode misses per token {show(method, 'misses_vs_control')} vs the control "
+                     f"({at.loc[method, 'decode_misses_per_token']:.2f} vs {at.loc['control', 'decode_misses_per_token']:.2f}), "
+                     f"test perplexity {show(method, 'ppl_vs_control')}; goal (misses -50%, ppl <= +1%, whole "
+                     f"interval): {'met' if met else 'missed'}")
+    return lines
+
+
+def figures(cfg: StudyConfig, results: dict) -> None:
+    out = cfg.results_dir(NOTEBOOK)
+    save_figure(plots.beyond_pareto(results["methods"], results["sweep"]), out / "pareto", cfg)
+
+
+compute = runs.one_result_set(NOTEBOOK, _compute, figures)
