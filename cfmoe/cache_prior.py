@@ -105,6 +105,23 @@ class OnlineCache:
         self.last[rows, victims] = -1
 
 
+class EngineCache:
+    """The offloading engine's own cache (`cfmoe.serving.OffloadEngine`) as the prior's view: every row of a
+    batch sees the engine's one cache, and the engine records each access itself when the experts run."""
+
+    def __init__(self, engine, rows: int = 1):
+        self.engine, self.rows = engine, rows
+        self.n_layers, self.n_experts = len(engine.info.layers), engine.info.n_experts
+
+    def cached(self, layer: int) -> np.ndarray:
+        held = np.zeros((self.rows, self.n_experts), bool)
+        held[:, [expert for (at, expert) in self.engine.cache.slot if at == layer]] = True
+        return held
+
+    def access(self, layer: int, experts: np.ndarray) -> None:
+        """Nothing: the engine counts and caches the access when the experts are computed."""
+
+
 def _selection_key(layer: MoELayerInfo, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(key the router ranks experts by, the scores its weights are taken from), float32."""
     logits = logits.float()
@@ -174,10 +191,11 @@ def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: f
 
 
 @contextlib.contextmanager
-def cache_prior(model: torch.nn.Module, cache: OnlineCache, lam: float, delta: list[float] | None = None
-                ) -> Iterator[OnlineCache]:
+def cache_prior(model: torch.nn.Module, cache: "OnlineCache | EngineCache", lam: float,
+                delta: list[float] | None = None) -> Iterator["OnlineCache | EngineCache"]:
     """Route every MoE layer with `cache` in the loop and a bonus λ·Δ_l on its cached experts (module docstring).
-    Every routed token updates `cache`; the hooks are removed on exit, also on an exception."""
+    Every routed token updates an `OnlineCache` (an `EngineCache` is updated by the engine itself); the hooks are
+    removed on exit, also on an exception."""
     info = describe(model)
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam}")

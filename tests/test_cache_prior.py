@@ -109,3 +109,26 @@ def test_lambda_choice_and_changes_against_the_control():
     changed = beyond_cfmoe.with_changes(methods)
     assert changed.misses_vs_control.tolist() == [0.0, -0.25]
     assert changed.ppl_vs_control.round(6).tolist() == [0.0, 0.02]
+
+
+def test_the_prior_reads_the_engines_cache(tmp_path):
+    import copy
+
+    from cfmoe.cache_prior import EngineCache
+    from cfmoe.serving import OffloadEngine
+
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=3), tiny_tokenizer()
+    ids = tok(["the cat sat"], return_tensors="pt")["input_ids"]
+    engine = OffloadEngine(copy.deepcopy(lm), tmp_path / "s.safetensors", 9, mode="disaggregated", tier="direct")
+    settings = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    plain, stats = engine.generate(ids, **settings)
+    misses = {}
+    for lam in (0.0, 2.0):
+        engine.reconfigure(9, mode="disaggregated")
+        view = EngineCache(engine)
+        with cache_prior(engine.model, view, lam, router_spread(lm, ids)):
+            tokens, biased = engine.generate(ids, **settings)
+        misses[lam] = biased["decode_misses"]
+        if lam == 0:
+            assert torch.equal(tokens, plain) and biased["decode_misses"] == stats["decode_misses"]
+    assert misses[2.0] < misses[0.0]

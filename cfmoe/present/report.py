@@ -199,6 +199,23 @@ def headline(root: Path, preset: str) -> dict[str, str]:
             cells["prefetch"] = _link(f"{speedup.median():.2f}× plain disaggregated (median, {len(speedup)} points, "
                                       f"{runs_text}); next-layer guesses right {used / guessed:.0%} "
                                       f"({int(used):,} of {int(guessed):,} prefetched experts used)", measurements_path)
+    beyond, path = _table(root, "06_beyond_cfmoe", preset, "methods_summary")
+    if beyond is not None:
+        at = beyond[(beyond.cache_share == 0.25) & (beyond.policy == "lru")].set_index("method")
+
+        def point(method):
+            row = at.loc[method]
+            cut, cost = [(row[c], row[f"{c}_low"], row[f"{c}_high"]) for c in ("misses_vs_control", "ppl_vs_control")]
+            return (f"{method}: {row.decode_misses_per_token:.2f} vs {at.loc['control', 'decode_misses_per_token']:.2f} "
+                    f"misses/token, {stats.format_interval(cut, '+.1%')}; perplexity "
+                    f"{stats.format_interval(cost, '+.2%')}"), cut, cost
+
+        text, cut, cost = point("cfmoe+cache_prior")
+        alone, _, _ = point("cache_prior")
+        cells["stack"] = _link(f"{text} (misses {_state(claims.STACK_MISS_CUT, cut)}, perplexity "
+                               f"{_state(claims.STACK_PPL_COST, cost)}); {alone}; {int(at.loc['control', 'n'])} seeds",
+                               path)
+        cells["remoe"] = _link(f"{point('remoe')[0]}; {point('cfmoe')[0]}", path)
     return cells
 
 
@@ -217,6 +234,10 @@ ROWS = {
     "engine_modes": "Measured decode tokens/s, disaggregated vs unified prefill (engine, LRU)",
     "engine_model": "Cost model vs measured decode tokens/s (engine)",
     "prefetch": "Next-layer expert prefetch, measured decode tokens/s (engine, LRU)",
+    "stack": "Best stack, CFMoE + cache prior (λ chosen on validation), vs LoRA control: decode misses per token, "
+             "25% of experts cached, LRU (test, mean [95% interval] over seeds; cache prior alone beside)",
+    "remoe": "ReMoE's recipe (routers only + Trust-KL anchor) and CFMoE, each vs LoRA control: decode misses per "
+             "token, 25% cached, LRU (test, mean [95% interval] over seeds)",
 }
 
 
