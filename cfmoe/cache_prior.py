@@ -159,9 +159,11 @@ def router_spread(model: torch.nn.Module, input_ids: torch.Tensor) -> list[float
     return spreads
 
 
-def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: float, output):
+def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: float, decode_only: bool, output):
     logits, weights, indices = output
     rows, k = indices.shape
+    if decode_only and rows > cache.rows:  # a prefill call, served outside the decode cache (disaggregated)
+        return output
     if rows % cache.rows:
         raise ValueError(f"MoE layer {index} routed {rows} tokens, not a multiple of the cache's {cache.rows} rows")
     steps = rows // cache.rows  # tokens per row in this call (1 in decode), batch-major
@@ -192,10 +194,11 @@ def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: f
 
 @contextlib.contextmanager
 def cache_prior(model: torch.nn.Module, cache: "OnlineCache | EngineCache", lam: float,
-                delta: list[float] | None = None) -> Iterator["OnlineCache | EngineCache"]:
+                delta: list[float] | None = None, decode_only: bool = False) -> Iterator["OnlineCache | EngineCache"]:
     """Route every MoE layer with `cache` in the loop and a bonus λ·Δ_l on its cached experts (module docstring).
-    Every routed token updates an `OnlineCache` (an `EngineCache` is updated by the engine itself); the hooks are
-    removed on exit, also on an exception."""
+    Every routed token updates an `OnlineCache` (an `EngineCache` is updated by the engine itself). With
+    `decode_only`, calls of more than one token per row (prefill) route as the model does and leave the cache
+    alone: disaggregated prefill. The hooks are removed on exit, also on an exception."""
     info = describe(model)
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
@@ -206,7 +209,8 @@ def cache_prior(model: torch.nn.Module, cache: "OnlineCache | EngineCache", lam:
     if len(delta) != len(info.layers):
         raise ValueError(f"delta needs one value per MoE layer ({len(info.layers)}), got {len(delta)}")
     handles = [layer.router.register_forward_hook(
-        lambda module, args, output, layer=layer, i=i: _biased_choice(layer, i, cache, lam * delta[i], output))
+        lambda module, args, output, layer=layer, i=i: _biased_choice(layer, i, cache, lam * delta[i], decode_only,
+                                                                      output))
         for i, layer in enumerate(info.layers)]
     try:
         yield cache

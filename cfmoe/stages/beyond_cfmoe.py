@@ -29,14 +29,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import cache, claims, evaluate, finetune, moe, stats
+from .. import cache, claims, costmodel, data, evaluate, finetune, moe, stats, textquality
 from ..cache_prior import OnlineCache, cache_prior, decode_teacher_forced, router_spread
 from ..config import StudyConfig
 from ..determinism import make_deterministic
 from ..present import plots
 from ..provenance import save_figure, save_table
 from ..routing import record_routing
-from . import router_design, runs
+from . import router_design, runs, serving
 
 NOTEBOOK = "06_beyond_cfmoe"
 SHARES = (0.125, 0.25, 0.5)
@@ -129,7 +129,8 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
         train = finetune.finetune(copy.deepcopy(base), blocks, ft, kind=choice["kind"], weight=remoe_weight,
                                   top_k=info.top_k, seed=seed, device=cfg.device, method="router_kl",
                                   anchor_weight=ANCHOR_WEIGHT)
-        tuned = {"control": models["lora_control"], "remoe": train.model, "cfmoe": models["cfmoe"]}
+        remoe = runs.save_finetuned(cfg, "remoe", train.model, tokenizer, seed)
+        tuned = {"control": models["lora_control"], "remoe": remoe, "cfmoe": models["cfmoe"]}
         for method, lm in tuned.items():  # alone: one pass per split, replayed through every cache
             passes = {split: decode(lm, x, *SWEEP, 0.0, None) for split, x in ids.items()}
             for row in replayed_misses(passes["test"]["experts"], info.n_experts, info.top_k):
@@ -159,6 +160,8 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                              "policy": "lru", "decode_misses_per_token": test["misses_per_token"],
                              "val_ppl": val["ppl"], "test_ppl": test["ppl"]})
         del models
+    quality = pd.DataFrame([row for seed in ft.seeds for row in generated_quality(cfg, seed, chosen, tokenizer)])
+    engine = engine_measurements(cfg, chosen, tokenizer)
     methods = with_changes(pd.DataFrame(rows))
     summary = stats.summarize(methods, ["method", "cache_share", "policy"],
                               ["decode_misses_per_token", "misses_vs_control", "val_ppl", "test_ppl",
@@ -170,9 +173,104 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     save_table(summary, out / "methods_summary", cfg, **extra)
     save_table(sweep, out / "lambda_sweep", cfg, **extra)
     save_table(remoe_sweep, out / "remoe_sweep", cfg, **extra)
+    quality_summary = stats.summarize(quality, ["method"], ["repeated_4gram_rate", "distinct_2", "decode_misses_per_token"])
+    save_table(quality, out / "generated", cfg, **extra, decoding="sampled (the authors' settings)",
+               cache="25% of experts, LRU, one cold decode cache per entry, prefill disaggregated")
+    save_table(quality_summary, out / "generated_summary", cfg, **extra)
+    engine_summary = serving.summarize_repeats(engine, keys=ENGINE_SETTING, timed=("decode_tokens_per_s",))
+    engine_extra = {**extra, "tier": serving.tier_label("throttled"), "seed": ft.seeds[0], "repeats": cfg.serving.repeats}
+    save_table(engine, out / "engine", cfg, **engine_extra)
+    save_table(engine_summary, out / "engine_summary", cfg, **engine_extra)
     verdict = verdicts(summary, sweep)
     return {"methods": methods, "summary": summary, "sweep": sweep, "remoe_sweep": remoe_sweep, "chosen": chosen,
-            "remoe_weight": remoe_weight, "verdicts": verdict}
+            "remoe_weight": remoe_weight, "verdicts": verdict, "generated": quality_summary, "engine": engine_summary}
+
+
+# method -> (notebook 02 / this notebook's run name, with the cache prior)
+STACKS = {"control": ("lora_control", False), "remoe": ("remoe", False), "cfmoe": ("cfmoe", False),
+          "cache_prior": ("lora_control", True), "cfmoe+cache_prior": ("cfmoe", True)}
+ENGINE_SETTING = ["method", "share"]
+
+
+def _tuned(cfg: StudyConfig, seed: int) -> dict:
+    """Every method's model of one seed (notebook 02's and this notebook's ReMoE), loaded once per run name."""
+    models, _ = runs.load_runs(cfg, seed)
+    models["remoe"] = runs.load_finetuned(cfg, "remoe", seed)
+    return models
+
+
+def generated_quality(cfg: StudyConfig, seed: int, chosen: dict, tokenizer) -> list[dict]:
+    """Every method generates for notebook 04's entries (sampled, the authors' settings, seeded), each entry a
+    request with its own cold decode cache (25% of experts, LRU; prefill disaggregated, outside it) in the loop:
+    repetition of what it wrote, next to its decode misses per token."""
+    from .ecr_wikitext import decoding_settings, entries
+
+    models = _tuned(cfg, seed)
+    prompts = list(entries(cfg)["prompt"])
+    settings = decoding_settings(cfg)["sampled"]
+    rows = []
+    for method, (run, prior) in STACKS.items():
+        lm = models[run]
+        info = moe.describe(lm)
+        n_layers = len(info.layers)
+        delta = router_spread(lm, _ids(cfg, tokenizer, "validation")[:8]) if prior else None
+        torch.manual_seed(seed)
+        for entry, prompt in enumerate(prompts):
+            online = OnlineCache(1, n_layers, info.n_experts, capacity(SWEEP[0], n_layers, info.n_experts), SWEEP[1])
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            with cache_prior(lm, online, chosen[method] if prior else 0.0, delta, decode_only=True):
+                out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=cfg.ecr.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  **settings)
+            tokens = out[0, ids.shape[1]:].numpy()
+            rows.append({"method": method, "seed": seed, "entry": entry, "generated_tokens": len(tokens),
+                         "repeated_4gram_rate": textquality.repeated_ngram_rate(tokens, 4),
+                         "distinct_2": textquality.distinct_n(tokens, 2),
+                         "decode_misses_per_token": float(online.misses[0]) / len(tokens)})
+    return rows
+
+
+def engine_measurements(cfg: StudyConfig, chosen: dict, tokenizer) -> pd.DataFrame:
+    """The offloading engine's decode tokens/s of every method (primary seed) at 25% and 50% of experts, on
+    notebook 05's emulated (sleep-throttled) tier, LRU: `serving.repeats` repeats of every setting in one seeded
+    random order, each after an untimed warm-up. The prior reads the engine's own cache (`EngineCache`)."""
+    from ..cache_prior import EngineCache
+    from ..serving import write_store
+
+    sc = cfg.serving
+    models = _tuned(cfg, cfg.finetune.seeds[0])
+    info = moe.describe(models["lora_control"])
+    n_routed = len(info.layers) * info.n_experts
+    task = data.entry_task("test").select(range(sc.requests))
+    requests = [tokenizer(p, return_tensors="pt")["input_ids"] for p in task["prompt"]]
+    kwargs = serving._generate_kwargs(tokenizer, sc.new_tokens, cfg.ecr.repetition_penalty)
+    warmup = (requests[0][:, :sc.warmup_tokens], sc.warmup_tokens)
+    store_dir = cfg.artifacts_dir / "expert_stores" / NOTEBOOK
+    store_dir.mkdir(parents=True, exist_ok=True)
+    speeds, stores, references = {}, {}, {}
+    for run in {run for run, _ in STACKS.values()}:
+        references[run], result = serving.in_memory(models[run], requests, kwargs)
+        speeds[run] = result["decode_tokens_per_s"]
+        stores[run] = write_store(models[run], store_dir / f"{run}.safetensors")
+    sizes = costmodel.from_describe(info)
+    bandwidth = sc.throttle_gbps or serving.scaled_bandwidth(sizes, 1 / float(np.median(list(speeds.values()))),
+                                                            cfg.cache.bits_per_param)
+    benches = {run: serving.EngineBench(models[run], stores[run], "throttled", bandwidth) for run in stores}
+    delta = {run: router_spread(models[run], requests[0]) for run in stores}
+    settings = [(method, share) for method in STACKS for share in (0.25, 0.5)]
+    rows = []
+    for position, (index, repeat) in enumerate(serving.run_order(len(settings), sc.repeats, cfg.seed)):
+        method, share = settings[index]
+        run, prior = STACKS[method]
+        bench = benches[run]
+        with cache_prior(bench.model, EngineCache(bench.engine), chosen[method] if prior else 0.0, delta[run]):
+            result = bench.run(requests, references[run], kwargs, warmup, capacity=int(round(share * n_routed)),
+                               policy="lru", mode="disaggregated", tier="throttled", bandwidth_gbps=bandwidth)
+        rows.append({"method": method, "share": share, "lam": chosen[method] if prior else 0.0, "repeat": repeat,
+                     "order": position, "io_gbps": bandwidth, "in_memory_tokens_per_s": speeds[run], **result})
+    for bench in benches.values():
+        bench.close()
+    return pd.DataFrame(rows).sort_values(["method", "share", "repeat"], ignore_index=True)
 
 
 def choose_lambdas(sweep: pd.DataFrame, alone: pd.DataFrame) -> dict[str, float]:

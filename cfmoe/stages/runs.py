@@ -82,12 +82,16 @@ def load_runs(cfg: StudyConfig, seed: int | None = None) -> tuple[dict, object]:
     lm, tokenizer = load_base(cfg)
     models = {"base": lm}
     for run in FINETUNE_RUNS[1:]:
-        path = finetuned_dir(cfg, run, seed) / "merged"
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is missing: run notebook 02 (fine-tuning) for preset "
-                                    f"{cfg.preset!r} first")
-        models[run] = model.load_model(path, device=cfg.device)[0]
+        models[run] = load_finetuned(cfg, run, seed)
     return models, tokenizer
+
+
+def load_finetuned(cfg: StudyConfig, run: str, seed: int | None = None):
+    """One saved run's merged model (`save_finetuned`) of one seed."""
+    path = finetuned_dir(cfg, run, seed) / "merged"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is missing: run the notebook that trains {run!r} for preset {cfg.preset!r}")
+    return model.load_model(path, device=cfg.device)[0]
 
 
 def with_seed(table):
