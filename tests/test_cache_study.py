@@ -131,3 +131,26 @@ def test_best_of_names_n():
                               "mean_memory_saved": 0.9}])
     best, n = cache_study.best_of(combos)
     assert (best.policy, n) == ("lopt/unified", 3)
+
+
+def test_long_prompts_flush_the_unified_decode_cache():
+    from cfmoe.routing import DECODE, PREFILL, RoutingTrace
+    from cfmoe.stages.cache_management import long_prompt_modes
+
+    rng = np.random.default_rng(0)
+    n_layers, n_experts, k = 2, 16, 2
+    # every request decodes with experts 0 and 1 in every layer; the prompts use the other 14 experts
+    decode = np.tile(np.array([0, 1]), (12, n_layers, 1))
+    requests = [RoutingTrace(np.concatenate([decode[:2], decode]), None,
+                             np.r_[np.full(2, PREFILL), np.full(12, DECODE)], np.zeros(14, int), n_experts)
+                for _ in range(4)]
+    stream = np.stack([[rng.choice(np.arange(2, n_experts), k, replace=False) for _ in range(n_layers)]
+                       for _ in range(300)])
+    table = long_prompt_modes(requests, stream, n_experts, capacity=8, prompt_lengths=(1, 256), batches=(1,))
+    rate = table.set_index(["prompt_tokens", "mode"]).decode_hit_rate
+    # a long prompt through the decode cache evicts the decode working set; disaggregated prefill keeps it
+    assert rate[(256, "unified")] < rate[(256, "disaggregated")]
+    assert rate[(256, "disaggregated")] == rate[(1, "disaggregated")]
+    assert (table[table["mode"] == "unified"].vs_unified == 0).all()
+    with pytest.raises(ValueError, match="prompt length 512 exceeds the 300 tokens"):
+        long_prompt_modes(requests, stream, n_experts, capacity=8, prompt_lengths=(512,))

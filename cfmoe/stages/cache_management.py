@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import cache, claims, costmodel, data, metrics, moe, routing, serving_sim, stats
+from .. import cache, claims, costmodel, data, evaluate, metrics, moe, routing, serving_sim, stats
 from ..config import StudyConfig
 from ..determinism import make_deterministic
 from ..present import plots
@@ -202,6 +202,55 @@ def combinations(throughput: pd.DataFrame, serving: pd.DataFrame, shares, sizes,
     return pd.DataFrame(rows).sort_values(["source", "mean_memory_saved"], ascending=[True, False], ignore_index=True)
 
 
+LONG_PROMPTS = (64, 256, 1024, 4096)  # prompt tokens per request (issue 15's sweep)
+LONG_BATCHES = (1, 4)  # requests decoding at once
+LONG_SHARE = 0.25  # of the routed experts cached
+
+
+def prompt_stream(cfg: StudyConfig, key: tuple[str, int], lm, tokenizer, force: bool = False) -> np.ndarray:
+    """Teacher-forced routing (tokens, layers, k) of the test split's first 4 x max(LONG_PROMPTS) tokens, recorded
+    once: the long prompts. The model's context is shorter than the longest prompt, so a long prompt is
+    consecutive blocks of the text, each routed with its own block's context."""
+    blocks = evaluate.test_blocks(tokenizer, cfg.finetune.block_size, 4 * max(LONG_PROMPTS), "test")
+    n_experts = moe.describe(lm).n_experts
+
+    def compute():
+        _, experts = evaluate.record_test(lm, blocks, cfg.eval.batch_size)
+        tokens = blocks["input_ids"].reshape(-1)
+        return [routing.RoutingTrace(experts, None, np.zeros(len(tokens), np.uint8), tokens, n_experts,
+                                     {"source": "teacher-forced WikiText-2 test blocks (long prompts)"})]
+
+    trace, = runs.cached_traces(cfg, NOTEBOOK, f"{run_name(*key)}-long-prompts", lm,
+                                {"kind": "long_prompts", "input_ids": blocks["input_ids"]}, compute, force)
+    return trace.experts
+
+
+def long_prompt_modes(requests: list[routing.RoutingTrace], stream: np.ndarray, n_experts: int, capacity: int,
+                      policy: str = "lru", prompt_lengths=LONG_PROMPTS, batches=LONG_BATCHES) -> pd.DataFrame:
+    """Decode hit rate per prefill mode when each request's prompt is `length` tokens of `stream` (request r
+    starts at a different offset) before its own decode: where does unified prefill flush the decode cache?"""
+    rows = []
+    for length in prompt_lengths:
+        if length > len(stream):
+            raise ValueError(f"prompt length {length} exceeds the {len(stream)} tokens of the prompt stream")
+        starts = [(r * 7919) % (len(stream) - length + 1) for r in range(len(requests))]
+        pairs = [(np.concatenate([stream[start:start + length], t.decode.experts]),
+                  np.r_[np.zeros(length, np.uint8), np.ones(t.decode.n_tokens, np.uint8)])
+                 for start, t in zip(starts, requests)]
+        for batch in batches:
+            plan = serving_sim.serving_plan(pairs, n_experts, int(batch))
+            for mode in serving_sim.MODES:
+                row = serving_sim.simulate_serving(plan, n_experts, policy, capacity, mode, 1.0)
+                rows.append({"prompt_tokens": length, "batch": batch, "mode": mode, "policy": policy,
+                             "capacity": capacity, "decode_hit_rate": row["decode_hit_rate"],
+                             "decode_misses": row["decode_misses"], "decode_tokens": row["decode_tokens"]})
+    table = pd.DataFrame(rows)
+    unified = table[table["mode"] == "unified"].set_index(["prompt_tokens", "batch"]).decode_hit_rate
+    table["vs_unified"] = table.decode_hit_rate.to_numpy() - unified.reindex(
+        pd.MultiIndex.from_frame(table[["prompt_tokens", "batch"]])).to_numpy()
+    return table
+
+
 def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     """Traces of the models of `run_plan` (recorded once, then read from files), hit-rate curves per seed, serving
     modes (primary seed), memory at equal throughput per seed and its summary over seeds."""
@@ -228,6 +277,8 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                                   compute=lambda lm=models[key]: request_traces(lm, requests, tokenizer.pad_token_id,
                                                                                 cfg.eval.batch_size))
               for key in plan}
+    long_keys = [key for key in primary if key[0] in ("lora_control", "cfmoe")]
+    streams = {key: prompt_stream(cfg, key, models[key], tokenizer, force) for key in long_keys}
     del models
 
     k_over_e = top_k / n_experts
@@ -297,9 +348,15 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     save_table(saved_summary, out / "memory_at_equal_throughput_summary", cfg, **extra,
                interval="mean over seeds of each seed's mean over devices and levels, 95% Student-t interval")
     save_table(combos, out / "memory_saved_combinations", cfg, **extra)
+    long_capacity = int(level_capacities(n_routed, [LONG_SHARE])[0])
+    long_prompts = pd.concat([long_prompt_modes(traces[key], streams[key], n_experts, long_capacity)
+                              .assign(run=key[0], seed=key[1]) for key in long_keys], ignore_index=True)
+    save_table(long_prompts, out / "long_prompts", cfg, share=LONG_SHARE, seed=seeds[0],
+               prompts="consecutive teacher-forced test blocks, a different offset per request")
     return {"summary": summary, "curves": curves, "serving": serving, "throughput": throughput[paper.name],
             "saved": saved[paper.name], "saved_own": saved[own.name], "saved_summary": saved_summary,
-            "combinations": combos, "info": info, "paper_sizes": paper, "own_sizes": own, "seeds": seeds}
+            "combinations": combos, "info": info, "paper_sizes": paper, "own_sizes": own, "seeds": seeds,
+            "long_prompts": long_prompts}
 
 
 def policy_gaps(curves: pd.DataFrame) -> dict[str, float]:
