@@ -3,6 +3,7 @@ study's routing, resident and through the offloading engine; writes results/05_s
 
     python scripts/paper_scale.py export                 # here: the study's streams -> artifacts/cpu/paper_scale/
     python scripts/paper_scale.py measure --grid host    # on the GPU (carry artifacts/cpu/paper_scale)
+    python scripts/paper_scale.py summarize              # here: measurements.csv, memory_saved.csv, the figure
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ GRIDS = {
 @user_errors("scripts/paper_scale.py")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["export", "measure"])
+    parser.add_argument("action", choices=["export", "measure", "summarize"])
     parser.add_argument("--grid", choices=list(GRIDS), default="host")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -52,6 +53,9 @@ def main(argv=None) -> None:
     cfg = load_config("cpu")
     if args.action == "export":
         print(serving.export_streams(cfg, STREAMS))
+        return
+    if args.action == "summarize":
+        summarize(cfg, Path(args.out))
         return
     streams = {path.stem: routing.read_trace(path) for path in sorted(STREAMS.glob("*.npz"))}
     if not streams:
@@ -73,6 +77,25 @@ def main(argv=None) -> None:
     save_table(out["meta"], folder / f"machine_{args.grid}", cfg, **extra)
     print(json.dumps(extra["seconds"]), out["measurements"].groupby(["routing_source", "tier", "policy", "share"])
           .tokens_per_s.median().to_string())
+
+
+def summarize(cfg, folder: Path) -> None:
+    """Every measured grid of `folder` as one measurements.csv, memory saved (CFMoE vs the control, bootstrap over
+    repeats) and the figure, all from the committed per-grid tables."""
+    from cfmoe.present import plots
+    from cfmoe.provenance import save_figure
+
+    results = serving.paper_scale_results(cfg)
+    if results is None:
+        raise ValueError(f"no measurements_*.csv in {folder}: run `python scripts/paper_scale.py measure` on a GPU")
+    grids = sorted(p.stem.removeprefix("measurements_") for p in folder.glob("measurements_*.csv"))
+    extra = {"grids": grids, "verdicts": results["verdicts"]}
+    save_table(results["measured"], folder / "measurements", cfg, **extra)
+    save_table(results["saved"], folder / "memory_saved", cfg, **extra)
+    save_table(results["medians"], folder / "tokens_per_s_summary", cfg, **extra)
+    resident = float(results["measured"].resident_tokens_per_s.median())
+    save_figure(plots.paper_scale(results["medians"], resident), folder / "tokens_per_s", cfg, **extra)
+    print("\n".join(results["verdicts"]))
 
 
 if __name__ == "__main__":
