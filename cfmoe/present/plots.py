@@ -324,6 +324,8 @@ def beyond_pareto(methods: pd.DataFrame, sweep: pd.DataFrame) -> plt.Figure:
     axes[-1].set(title="cache prior: λ sweep, 25%, LRU (validation)", xlabel="decode misses per token",
                  ylabel="validation perplexity")
     axes[-1].legend(fontsize=7)
+    for ax in axes:
+        ax.ticklabel_format(useOffset=False, style="plain", axis="y")
     fig.tight_layout()
     return fig
 
