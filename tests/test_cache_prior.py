@@ -86,7 +86,7 @@ def test_replayed_misses_equal_the_online_cache_without_the_prior():
     replayed = beyond_cfmoe.replayed_misses(point["experts"], 8, 2)
     lru = next(r for r in replayed if r["cache_share"] == 0.25 and r["policy"] == "lru")
     assert lru["decode_misses_per_token"] == point["misses_per_token"]
-    for row in replayed:
+    for row in [r for r in replayed if r["policy"] != "opt"]:  # the oracle has no online form
         online = beyond_cfmoe.decode(lm, IDS, row["cache_share"], row["policy"], 0.0, None)
         assert online["misses_per_token"] == row["decode_misses_per_token"]
         assert online["ppl"] == point["ppl"]
@@ -132,3 +132,18 @@ def test_the_prior_reads_the_engines_cache(tmp_path):
         if lam == 0:
             assert torch.equal(tokens, plain) and biased["decode_misses"] == stats["decode_misses"]
     assert misses[2.0] < misses[0.0]
+
+
+def test_equal_perplexity_interpolates_the_stacks_curve():
+    import pandas as pd
+
+    from cfmoe.stages import beyond_cfmoe
+
+    rows = [("control", 0.0, 100.0, 20.0), ("remoe", 0.0, 103.0, 18.0), ("cfmoe", 0.0, 102.0, 10.0),
+            ("cache_prior", 0.0, 100.0, 20.0), ("cache_prior", 0.1, 101.0, 14.0), ("cache_prior", 0.5, 104.0, 6.0),
+            ("cfmoe+cache_prior", 0.0, 102.0, 10.0), ("cfmoe+cache_prior", 0.1, 104.0, 4.0)]
+    sweep = pd.DataFrame(rows, columns=["method", "lam", "val_ppl", "val_misses_per_token"]).assign(seed=0)
+    equal = beyond_cfmoe.equal_perplexity(sweep, {"cache_prior": 0.1, "cfmoe+cache_prior": 0.1}).set_index("method")
+    assert equal.loc["remoe", "against_misses"] == 7.0  # halfway along the stack's curve, 102 -> 104
+    assert np.isnan(equal.loc["control", "against_misses"])  # 100 is below the stack's curve
+    assert equal.loc["cfmoe+cache_prior", "against_misses"] == 6.0  # the prior alone at 104

@@ -40,8 +40,8 @@ from . import router_design, runs, serving
 
 NOTEBOOK = "06_beyond_cfmoe"
 SHARES = (0.125, 0.25, 0.5)
-POLICIES = ("lru", "lfu_aging")
-LAMBDAS = (0.01, 0.02, 0.05, 0.1, 0.2)
+POLICIES = ("lru", "lfu_aging", "opt")  # opt: Belady's oracle (knows future routing), a bound, not a policy
+LAMBDAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 SWEEP = (0.25, "lru")  # where λ is chosen
 PRIOR_PPL_BUDGET = 0.01  # the prior may cost at most this much validation perplexity over its model alone
 ANCHOR_WEIGHT = 1.0
@@ -136,7 +136,10 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
             for row in replayed_misses(passes["test"]["experts"], info.n_experts, info.top_k):
                 rows.append({"method": method, "seed": seed, "lam": 0.0, **row,
                              "val_ppl": passes["validation"]["ppl"], "test_ppl": passes["test"]["ppl"]})
-        for method, model_name in (("cache_prior", "control"), ("cfmoe+cache_prior", "cfmoe")):
+            start = {"method": method, "seed": seed, "lam": 0.0, "val_ppl": passes["validation"]["ppl"],
+                     "val_misses_per_token": passes["validation"]["misses_per_token"]}
+            sweep_rows += [start] + [{**start, "method": prior} for prior, alone in PRIORS.items() if alone == method]
+        for method, model_name in PRIORS.items():
             lm = tuned[model_name]
             delta = router_spread(lm, ids["validation"][:8])
             for lam in LAMBDAS:
@@ -150,15 +153,20 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
 
     for seed in ft.seeds:  # the chosen λ, every share, on validation and test
         models, _ = runs.load_runs(cfg, seed)
-        for method, model_name in (("cache_prior", "lora_control"), ("cfmoe+cache_prior", "cfmoe")):
-            lm = models[model_name]
+        for method, alone in PRIORS.items():
+            lm = models[STACKS[alone][0]]
             delta = router_spread(lm, ids["validation"][:8])
             for share in SHARES:
                 val = decode(lm, ids["validation"], share, "lru", chosen[method], delta)
                 test = decode(lm, ids["test"], share, "lru", chosen[method], delta)
-                rows.append({"method": method, "seed": seed, "lam": chosen[method], "cache_share": share,
-                             "policy": "lru", "decode_misses_per_token": test["misses_per_token"],
-                             "val_ppl": val["ppl"], "test_ppl": test["ppl"]})
+                point = {"method": method, "seed": seed, "lam": chosen[method], "cache_share": share,
+                         "val_ppl": val["ppl"], "test_ppl": test["ppl"]}
+                rows.append({**point, "policy": "lru", "decode_misses_per_token": test["misses_per_token"]})
+                # the oracle on the routing the prior produced under LRU: how far LRU is from the best cache for it
+                size = capacity(share, len(info.layers), info.n_experts)
+                opt = sum(cache.simulate_cache(cache.access_keys(row, info.n_experts), "opt", size).misses
+                          for row in test["experts"])
+                rows.append({**point, "policy": "opt", "decode_misses_per_token": opt / ids["test"].numel()})
         del models
     quality = pd.DataFrame([row for seed in ft.seeds for row in generated_quality(cfg, seed, chosen, tokenizer)])
     engine = engine_measurements(cfg, chosen, tokenizer)
@@ -181,9 +189,74 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     engine_extra = {**extra, "tier": serving.tier_label("throttled"), "seed": ft.seeds[0], "repeats": cfg.serving.repeats}
     save_table(engine, out / "engine", cfg, **engine_extra)
     save_table(engine_summary, out / "engine_summary", cfg, **engine_extra)
-    verdict = verdicts(summary, sweep)
+    equal = equal_perplexity(sweep, chosen)
+    save_table(equal, out / "equal_perplexity", cfg, **extra,
+               note="validation text, 25% of experts cached, LRU; seed means; the stack's λ curve interpolated")
+    verdict = verdicts(summary, sweep) + equal_verdicts(equal, summary)
     return {"methods": methods, "summary": summary, "sweep": sweep, "remoe_sweep": remoe_sweep, "chosen": chosen,
-            "remoe_weight": remoe_weight, "verdicts": verdict, "generated": quality_summary, "engine": engine_summary}
+            "remoe_weight": remoe_weight, "verdicts": verdict, "generated": quality_summary, "engine": engine_summary,
+            "equal": equal}
+
+
+PRIORS = {"cache_prior": "control", "cfmoe+cache_prior": "cfmoe"}  # a prior method -> the model it runs on
+
+
+def equal_perplexity(sweep: pd.DataFrame, chosen: dict) -> pd.DataFrame:
+    """Each method against the stack at equal validation perplexity: the stack's λ curve (CFMoE at λ = 0 up,
+    seed means) interpolated at the method's validation perplexity (its chosen λ for the cache prior alone);
+    NaN where that perplexity is outside the curve. Also the prior alone's curve at the stack's chosen point."""
+    means = sweep.groupby(["method", "lam"], as_index=False)[["val_ppl", "val_misses_per_token"]].mean()
+
+    def curve(method):
+        c = means[means.method == method].sort_values("val_ppl")
+        return c.val_ppl.to_numpy(), c.val_misses_per_token.to_numpy()
+
+    def at(method, lam):
+        return means[(means.method == method) & (means.lam == lam)].iloc[0]
+
+    def interp(x, xs, ys):
+        return float(np.interp(x, xs, ys)) if xs.min() <= x <= xs.max() else float("nan")
+
+    rows = []
+    stack = "cfmoe+cache_prior"
+    for method in ("control", "remoe", "cfmoe", "cache_prior"):
+        point = at(method, chosen.get(method, 0.0))
+        rows.append({"method": method, "against": stack, "val_ppl": point.val_ppl,
+                     "method_misses": point.val_misses_per_token,
+                     "against_misses": interp(point.val_ppl, *curve(stack))})
+    point = at(stack, chosen[stack])
+    rows.append({"method": stack, "against": "cache_prior", "val_ppl": point.val_ppl,
+                 "method_misses": point.val_misses_per_token,
+                 "against_misses": interp(point.val_ppl, *curve("cache_prior"))})
+    return pd.DataFrame(rows)
+
+
+def equal_verdicts(equal: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """Does the stack beat each method alone at equal (validation) perplexity; does CFMoE's LoRA beat router-only
+    tuning; how far is each from the OPT oracle (test, 25% cached)."""
+    lines = []
+    for row in equal.itertuples():
+        if np.isnan(row.against_misses):
+            lines.append(f"{row.against} vs {row.method} at {row.method}'s validation perplexity {row.val_ppl:.1f}: "
+                         f"outside {row.against}'s λ curve, no comparison")
+            continue
+        better = row.against_misses < row.method_misses if row.method != "cfmoe+cache_prior" else \
+            row.method_misses < row.against_misses
+        winner = "the stack" if better else "not the stack"
+        lines.append(f"at validation perplexity {row.val_ppl:.1f}: {row.method} {row.method_misses:.2f} vs "
+                     f"{row.against} {row.against_misses:.2f} decode misses per token: {winner} wins")
+    at = summary[summary.cache_share == SWEEP[0]].set_index(["method", "policy"])
+    remoe, cfmoe = at.loc[("remoe", "lru")], at.loc[("cfmoe", "lru")]
+    dominates = cfmoe.decode_misses_per_token <= remoe.decode_misses_per_token and cfmoe.test_ppl <= remoe.test_ppl
+    lines.append(f"CFMoE (LoRA) vs ReMoE's recipe (routers only), test: {cfmoe.decode_misses_per_token:.2f} vs "
+                 f"{remoe.decode_misses_per_token:.2f} misses per token at perplexity {cfmoe.test_ppl:.1f} vs "
+                 f"{remoe.test_ppl:.1f}: {'CFMoE dominates' if dominates else 'no dominance'}")
+    for method in at.index.get_level_values("method").unique():
+        if (method, "opt") in at.index:
+            lru, opt = at.loc[(method, "lru")].decode_misses_per_token, at.loc[(method, "opt")].decode_misses_per_token
+            lines.append(f"{method}: LRU {lru:.2f} vs OPT (oracle, knows future routing) {opt:.2f} misses per token "
+                         f"({lru / opt:.2f}x the oracle's)")
+    return lines
 
 
 # method -> (notebook 02 / this notebook's run name, with the cache prior)
@@ -276,9 +349,9 @@ def engine_measurements(cfg: StudyConfig, chosen: dict, tokenizer) -> pd.DataFra
 def choose_lambdas(sweep: pd.DataFrame, alone: pd.DataFrame) -> dict[str, float]:
     """Per prior method, the largest λ whose seed-mean validation perplexity is within PRIOR_PPL_BUDGET of its
     model alone (seed means; the smallest λ when none is)."""
-    reference = {"cache_prior": "control", "cfmoe+cache_prior": "cfmoe"}
+    reference = PRIORS
     chosen = {}
-    for method, group in sweep.groupby("method"):
+    for method, group in sweep[sweep.method.isin(list(PRIORS))].groupby("method"):
         own = alone[(alone.method == reference[method])].groupby("seed").val_ppl.first().mean()
         means = group.groupby("lam").val_ppl.mean()
         ok = means[means <= own * (1 + PRIOR_PPL_BUDGET)]
