@@ -403,31 +403,54 @@ def _layer_lru(ids, times, visits, layer_of_id, n_ids, capacity, window, init_id
     return hits, cached, last, count
 
 
+AGING_HALFLIFE_TOKENS = 8  # lfu_aging's default half-life: 8 tokens' accesses of every layer (not tuned)
+
+
+def aging_halflife(n_layers: int, top_k: int, tokens: int = AGING_HALFLIFE_TOKENS) -> int:
+    """lfu_aging's half-life in accesses for `tokens` decode tokens of a model with `n_layers` MoE layers, top-k."""
+    return int(tokens * n_layers * top_k)
+
+
+@njit(cache=True, inline="always")
+def aged_score(score: float, position: int, halflife: int) -> float:
+    """An entry's `lfu_aging` score after one more access at `position`: log2 of its aged count, plus
+    position / halflife (so untouched entries never need updating)."""
+    now = position / halflife
+    return now + math.log2(1.0 + 2.0 ** (score - now))
+
+
 @njit(cache=True)
 def _lfu(ids, times, visits, layer_of_id, n_ids, capacity, window, init_ids, init_times, init_counts):
+    """LFU, and with `window` > 0 LFU with aging (`window` the half-life): a heap by (score, last use), the score
+    the access count since insertion, or its aged form (`aged_score`)."""
     cached, last, count = _state(n_ids)
+    aging = window > 0
+    score = np.zeros(n_ids, np.float64)
     hits = np.zeros(ids.size, np.bool_)
     heap, where = np.empty(capacity, np.int64), np.full(n_ids, -1)
     size = 0
     for i in range(init_ids.size):
         e = init_ids[i]
         cached[e], last[e], count[e] = True, init_times[i], init_counts[i]
-        size = _push(heap, where, size, e, count, last)
+        score[e] = init_times[i] / window + math.log2(init_counts[i]) if aging else init_counts[i]
+        size = _push(heap, where, size, e, score, last)
     for j in range(ids.size):
         e = ids[j]
         if cached[e]:
             hits[j] = True
             count[e] += 1
+            score[e] = aged_score(score[e], times[j], window) if aging else count[e]
             last[e] = times[j]
-            _sift(heap, where, size, where[e], count, last)
+            _sift(heap, where, size, where[e], score, last)
         else:
             cached[e], count[e], last[e] = True, 1, times[j]
+            score[e] = times[j] / window if aging else 1.0
             if size == capacity:  # the newcomer takes the victim's root slot
                 victim = heap[0]
                 cached[victim], where[victim], heap[0] = False, -1, e
-                _sift(heap, where, size, 0, count, last)
+                _sift(heap, where, size, 0, score, last)
             else:
-                size = _push(heap, where, size, e, count, last)
+                size = _push(heap, where, size, e, score, last)
     return hits, cached, last, count
 
 
@@ -486,53 +509,5 @@ def _belady(ids, times, visits, layer_of_id, n_ids, capacity, window, init_ids, 
     return hits, cached, last, count
 
 
-AGING_HALFLIFE_TOKENS = 8  # lfu_aging's default half-life: 8 tokens' accesses of every layer (not tuned)
-
-
-def aging_halflife(n_layers: int, top_k: int, tokens: int = AGING_HALFLIFE_TOKENS) -> int:
-    """lfu_aging's half-life in accesses for `tokens` decode tokens of a model with `n_layers` MoE layers, top-k."""
-    return int(tokens * n_layers * top_k)
-
-
-@njit(cache=True, inline="always")
-def aged_score(score: float, position: int, halflife: int) -> float:
-    """An entry's `lfu_aging` score after one more access at `position`: log2 of its aged count, plus
-    position / halflife (so untouched entries never need updating)."""
-    now = position / halflife
-    return now + math.log2(1.0 + 2.0 ** (score - now))
-
-
-@njit(cache=True)
-def _lfu_aging(ids, times, visits, layer_of_id, n_ids, capacity, window, init_ids, init_times, init_counts):
-    """LFU whose counts halve every `window` (the half-life) accesses; a heap by (score, last use)."""
-    cached, last, count = _state(n_ids)
-    score = np.zeros(n_ids, np.float64)
-    hits = np.zeros(ids.size, np.bool_)
-    heap, where = np.empty(capacity, np.int64), np.full(n_ids, -1)
-    size = 0
-    for i in range(init_ids.size):
-        e = init_ids[i]
-        cached[e], last[e], count[e] = True, init_times[i], init_counts[i]
-        score[e] = init_times[i] / window + math.log2(init_counts[i])
-        size = _push(heap, where, size, e, score, last)
-    for j in range(ids.size):
-        e = ids[j]
-        if cached[e]:
-            hits[j] = True
-            count[e] += 1
-            score[e], last[e] = aged_score(score[e], times[j], window), times[j]
-            _sift(heap, where, size, where[e], score, last)
-        else:
-            cached[e], count[e], last[e] = True, 1, times[j]
-            score[e] = times[j] / window
-            if size == capacity:
-                victim = heap[0]
-                cached[victim], where[victim], heap[0] = False, -1, e
-                _sift(heap, where, size, 0, score, last)
-            else:
-                size = _push(heap, where, size, e, score, last)
-    return hits, cached, last, count
-
-
 _KERNELS = {"lru": _lru, "lfu": _lfu, "opt": _belady, "lopt": _belady, "layer_lru": _layer_lru,
-            "lfu_aging": _lfu_aging}
+            "lfu_aging": _lfu}

@@ -28,11 +28,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .cache import aged_score
+from .cache import SCOPES, aged_score
 from .moe import MoELayerInfo, describe, unwrap
 
 POLICIES = ("lru", "lfu", "lfu_aging")
-SCOPES = ("global", "per_layer")
 
 
 class OnlineCache:
