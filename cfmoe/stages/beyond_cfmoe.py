@@ -36,7 +36,7 @@ from ..determinism import make_deterministic
 from ..present import plots
 from ..provenance import save_figure, save_table
 from ..routing import record_routing
-from . import router_design, runs, serving
+from . import cache_management, router_design, runs, serving
 
 NOTEBOOK = "06_beyond_cfmoe"
 SHARES = (0.125, 0.25, 0.5)
@@ -67,7 +67,8 @@ def decode(lm, ids: torch.Tensor, share: float, policy: str, lam: float, delta) 
 
 
 def capacity(share: float, n_layers: int, n_experts: int) -> int:
-    return int(np.clip(round(share * n_layers * n_experts), 1, n_layers * n_experts))
+    """Cache entries for `share` of all layers' experts (notebook 03's rounding)."""
+    return int(cache_management.level_capacities(n_layers * n_experts, [share])[0])
 
 
 def replayed_misses(experts: np.ndarray, n_experts: int, top_k: int) -> list[dict]:
@@ -123,15 +124,19 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     ids = {split: _ids(cfg, tokenizer, split) for split in ("validation", "test")}
     remoe_weight, remoe_sweep = _remoe_weight(cfg, base, tokenizer, blocks, choice, info.top_k)
 
-    rows, sweep_rows = [], []
+    rows, sweep_rows, by_seed, deltas = [], [], {}, {}
     for seed in ft.seeds:
         models, _ = runs.load_runs(cfg, seed)
         train = finetune.finetune(copy.deepcopy(base), blocks, ft, kind=choice["kind"], weight=remoe_weight,
                                   top_k=info.top_k, seed=seed, device=cfg.device, method="router_kl",
                                   anchor_weight=ANCHOR_WEIGHT)
         remoe = runs.save_finetuned(cfg, "remoe", train.model, tokenizer, seed)
-        tuned = {"control": models["lora_control"], "remoe": remoe, "cfmoe": models["cfmoe"]}
-        for method, lm in tuned.items():  # alone: one pass per split, replayed through every cache
+        tuned = by_seed[seed] = {"lora_control": models["lora_control"], "remoe": remoe, "cfmoe": models["cfmoe"]}
+        # Δ of each model the prior runs on, once per seed
+        deltas[seed] = {STACKS[alone][0]: router_spread(tuned[STACKS[alone][0]], ids["validation"][:8])
+                        for alone in PRIORS.values()}
+        for method in ("control", "remoe", "cfmoe"):  # alone: one pass per split, replayed through every cache
+            lm = tuned[STACKS[method][0]]
             passes = {split: decode(lm, x, *SWEEP, 0.0, None) for split, x in ids.items()}
             for row in replayed_misses(passes["test"]["experts"], info.n_experts, info.top_k):
                 rows.append({"method": method, "seed": seed, "lam": 0.0, **row,
@@ -139,23 +144,21 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
             start = {"method": method, "seed": seed, "lam": 0.0, "val_ppl": passes["validation"]["ppl"],
                      "val_misses_per_token": passes["validation"]["misses_per_token"]}
             sweep_rows += [start] + [{**start, "method": prior} for prior, alone in PRIORS.items() if alone == method]
-        for method, model_name in PRIORS.items():
-            lm = tuned[model_name]
-            delta = router_spread(lm, ids["validation"][:8])
+        for method, alone in PRIORS.items():
+            run = STACKS[alone][0]
             for lam in LAMBDAS:
-                point = decode(lm, ids["validation"], *SWEEP, lam, delta)
+                point = decode(tuned[run], ids["validation"], *SWEEP, lam, deltas[seed][run])
                 sweep_rows.append({"method": method, "seed": seed, "lam": lam, "val_ppl": point["ppl"],
                                    "val_misses_per_token": point["misses_per_token"]})
-        del models, train, tuned
+        del models, train
     sweep = pd.DataFrame(sweep_rows)
     alone = pd.DataFrame(rows)
     chosen = choose_lambdas(sweep, alone)
 
     for seed in ft.seeds:  # the chosen λ, every share, on validation and test
-        models, _ = runs.load_runs(cfg, seed)
         for method, alone in PRIORS.items():
-            lm = models[STACKS[alone][0]]
-            delta = router_spread(lm, ids["validation"][:8])
+            run = STACKS[alone][0]
+            lm, delta = by_seed[seed][run], deltas[seed][run]
             for share in SHARES:
                 val = decode(lm, ids["validation"], share, "lru", chosen[method], delta)
                 test = decode(lm, ids["test"], share, "lru", chosen[method], delta)
@@ -167,9 +170,9 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                 opt = sum(cache.simulate_cache(cache.access_keys(row, info.n_experts), "opt", size).misses
                           for row in test["experts"])
                 rows.append({**point, "policy": "opt", "decode_misses_per_token": opt / ids["test"].numel()})
-        del models
-    quality = pd.DataFrame([row for seed in ft.seeds for row in generated_quality(cfg, seed, chosen, tokenizer)])
-    engine = engine_measurements(cfg, chosen, tokenizer)
+    quality = pd.DataFrame([row for seed in ft.seeds
+                            for row in generated_quality(cfg, by_seed[seed], deltas[seed], seed, chosen, tokenizer)])
+    engine = engine_measurements(cfg, by_seed[ft.seeds[0]], chosen, tokenizer)
     methods = with_changes(pd.DataFrame(rows))
     summary = stats.summarize(methods, ["method", "cache_share", "policy"],
                               ["decode_misses_per_token", "misses_vs_control", "val_ppl", "test_ppl",
@@ -265,20 +268,13 @@ STACKS = {"control": ("lora_control", False), "remoe": ("remoe", False), "cfmoe"
 ENGINE_SETTING = ["method", "share"]
 
 
-def _tuned(cfg: StudyConfig, seed: int) -> dict:
-    """Every method's model of one seed (notebook 02's and this notebook's ReMoE), loaded once per run name."""
-    models, _ = runs.load_runs(cfg, seed)
-    models["remoe"] = runs.load_finetuned(cfg, "remoe", seed)
-    return models
-
-
-def generated_quality(cfg: StudyConfig, seed: int, chosen: dict, tokenizer) -> list[dict]:
+def generated_quality(cfg: StudyConfig, models: dict, deltas: dict, seed: int, chosen: dict, tokenizer) -> list[dict]:
     """Every method generates for notebook 04's entries (sampled, the authors' settings, seeded), each entry a
     request with its own cold decode cache (25% of experts, LRU; prefill disaggregated, outside it) in the loop:
-    repetition of what it wrote, next to its decode misses per token."""
+    repetition of what it wrote, next to its decode misses per token. `models` by run name, `deltas` (the prior's
+    Δ) by run name."""
     from .ecr_wikitext import decoding_settings, entries
 
-    models = _tuned(cfg, seed)
     prompts = list(entries(cfg)["prompt"])
     settings = decoding_settings(cfg)["sampled"]
     rows = []
@@ -286,7 +282,7 @@ def generated_quality(cfg: StudyConfig, seed: int, chosen: dict, tokenizer) -> l
         lm = models[run]
         info = moe.describe(lm)
         n_layers = len(info.layers)
-        delta = router_spread(lm, _ids(cfg, tokenizer, "validation")[:8]) if prior else None
+        delta = deltas[run] if prior else None
         torch.manual_seed(seed)
         for entry, prompt in enumerate(prompts):
             online = OnlineCache(1, n_layers, info.n_experts, capacity(SWEEP[0], n_layers, info.n_experts), SWEEP[1])
@@ -303,17 +299,16 @@ def generated_quality(cfg: StudyConfig, seed: int, chosen: dict, tokenizer) -> l
     return rows
 
 
-def engine_measurements(cfg: StudyConfig, chosen: dict, tokenizer) -> pd.DataFrame:
+def engine_measurements(cfg: StudyConfig, models: dict, chosen: dict, tokenizer) -> pd.DataFrame:
     """The offloading engine's decode tokens/s of every method (primary seed) at 25% and 50% of experts, on
     notebook 05's emulated (sleep-throttled) tier, LRU: `serving.repeats` repeats of every setting in one seeded
-    random order, each after an untimed warm-up. The prior reads the engine's own cache (`EngineCache`)."""
+    random order, each after an untimed warm-up. The prior reads the engine's own cache (`EngineCache`).
+    `models`: the primary seed's, by run name."""
     from ..cache_prior import EngineCache
     from ..serving import write_store
 
     sc = cfg.serving
-    models = _tuned(cfg, cfg.finetune.seeds[0])
     info = moe.describe(models["lora_control"])
-    n_routed = len(info.layers) * info.n_experts
     task = data.entry_task("test").select(range(sc.requests))
     requests = [tokenizer(p, return_tensors="pt")["input_ids"] for p in task["prompt"]]
     kwargs = serving._generate_kwargs(tokenizer, sc.new_tokens, cfg.ecr.repetition_penalty)
@@ -337,7 +332,7 @@ def engine_measurements(cfg: StudyConfig, chosen: dict, tokenizer) -> pd.DataFra
         run, prior = STACKS[method]
         bench = benches[run]
         with cache_prior(bench.model, EngineCache(bench.engine), chosen[method] if prior else 0.0, delta[run]):
-            result = bench.run(requests, references[run], kwargs, warmup, capacity=int(round(share * n_routed)),
+            result = bench.run(requests, references[run], kwargs, warmup, capacity=capacity(share, len(info.layers), info.n_experts),
                                policy="lru", mode="disaggregated", tier="throttled", bandwidth_gbps=bandwidth)
         rows.append({"method": method, "share": share, "lam": chosen[method] if prior else 0.0, "repeat": repeat,
                      "order": position, "io_gbps": bandwidth, "in_memory_tokens_per_s": speeds[run], **result})
