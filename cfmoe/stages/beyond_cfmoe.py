@@ -96,7 +96,8 @@ def _remoe_weight(cfg: StudyConfig, lm, tokenizer, blocks, choice: dict, top_k: 
         train = finetune.finetune(copy.deepcopy(lm), blocks, short, kind=choice["kind"], weight=weight, top_k=top_k,
                                   seed=0, device=cfg.device, method="lora" if method == "control" else "router_kl",
                                   anchor_weight=ANCHOR_WEIGHT)
-        rows.append({"method": method, "locality_weight": weight, **_val_scores(cfg, train.model, tokenizer)})
+        rows.append({"method": method, "locality_weight": weight,
+                     **_val_scores(cfg, f"{method}-sweep-{weight:g}", train.model, tokenizer)})
     sweep = pd.DataFrame(rows)
     control = sweep[sweep.method == "control"].iloc[0]
     sweep["ppl_vs_control"] = sweep.val_ppl / control.val_ppl - 1
@@ -106,11 +107,10 @@ def _remoe_weight(cfg: StudyConfig, lm, tokenizer, blocks, choice: dict, top_k: 
     return float(chosen.locality_weight), sweep
 
 
-def _val_scores(cfg: StudyConfig, lm, tokenizer) -> dict:
-    blocks = evaluate.test_blocks(tokenizer, cfg.finetune.block_size, cfg.router_design.eval_tokens, "validation")
-    ppl, experts = evaluate.record_test(lm, blocks, cfg.eval.batch_size)
-    located = evaluate.locality(ppl, experts, blocks)
-    return {"val_ppl": located["test_ppl"], "val_ecr": located["test_ecr"]}
+def _val_scores(cfg: StudyConfig, name: str, lm, tokenizer) -> dict:
+    scores = runs.test_evaluation(cfg, NOTEBOOK, name, lm, tokenizer, cfg.finetune.block_size,
+                                  cfg.router_design.eval_tokens, split="validation")
+    return {"val_ppl": scores["test_ppl"], "val_ecr": scores["test_ecr"]}
 
 
 def _compute(cfg: StudyConfig, force: bool = False) -> dict:
