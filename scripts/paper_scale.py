@@ -31,7 +31,7 @@ GRIDS = {
              for s in (0.0625, 0.25, 0.5, 0.75)]
             + [{"tier": "host", "share": s, "policy": "lfu", "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
     "emulated": [{"tier": "throttled", "gbps": EMULATED, "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")}
-                 for s in (0.25, 0.5, 0.75)],
+                 for s in (0.25, 0.5)],
     "smoke": [{"tier": "host", "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
 }
 

@@ -1,0 +1,230 @@
+"""Where a GPU step of the study's own model spends its time: pre-training, LoRA fine-tuning and token-by-token
+decoding steps of a preset's model (random weights) under each experts implementation transformers offers.
+
+    python3 scripts/gpu_speed.py --preset gpu --out results/benchmarks/gpu_speed     # on the GPU
+
+With `--study`, the study's own paths instead: `finetune.finetune` (the MoETrainer, LoRA with the locality loss,
+and ReMoE's router-only recipe) and notebook 06's teacher-forced decode with the cache and the prior in the loop.
+
+Each (phase, implementation) is timed `--repeats` times in one seeded random order, after warm-up steps;
+medians and interquartile ranges of seconds per step. The implementations' logits on the same weights are
+compared too (max |Δ| against eager), so a faster one is also shown to compute the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cfmoe import finetune  # noqa: E402
+from cfmoe import model as study_model  # noqa: E402
+from cfmoe.config import load_config  # noqa: E402
+from cfmoe.daft import lora_model  # noqa: E402
+from cfmoe.provenance import save_table  # noqa: E402
+
+IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+TRAINED = ("eager", "grouped_mm")  # batched_mm gathers every token's expert weights: 12 GiB a layer at batch 32x512
+
+
+class _Vocabulary:
+    """What `model.build_config` reads of a tokenizer: its size and special ids."""
+    bos_token_id = eos_token_id = 0
+    pad_token_id = 1
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def build(cfg, implementation: str, device: str):
+    from transformers import Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    lm = Qwen2MoeForCausalLM(study_model.build_config(cfg, _Vocabulary(cfg.model.vocab_size))).to(device)
+    lm.set_experts_implementation(implementation)
+    return lm
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(lm, optimizer, ids: torch.Tensor) -> None:
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+        out = lm(input_ids=ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def decode_steps(lm, ids: torch.Tensor, tokens: int) -> None:
+    past = None
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+        for t in range(tokens):
+            out = lm(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            out.logits[:, -1].float().log_softmax(-1).sum().item()  # the teacher-forced scorer reads every step
+
+
+class _Blocks(torch.utils.data.Dataset):
+    """Random packed blocks as the trainer reads them (one document per block)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i], "document_ids": torch.zeros_like(self.ids[i])}
+
+
+def study_paths(cfg, args) -> "pd.DataFrame":
+    """Seconds of the study's own fine-tuning (MoETrainer) and notebook 06 decode passes per implementation."""
+    import copy
+    import dataclasses
+
+    import pandas as pd
+
+    from cfmoe import moe
+    from cfmoe.cache_prior import OnlineCache, cache_prior, decode_teacher_forced, router_spread
+
+    ft = dataclasses.replace(cfg.finetune, steps=args.steps)
+    gen = torch.Generator().manual_seed(1)
+    blocks = _Blocks(torch.randint(2, cfg.model.vocab_size, (ft.batch_size * args.steps, ft.block_size), generator=gen))
+    ids = torch.randint(2, cfg.model.vocab_size, (args.decode_rows, args.decode_tokens), generator=gen)
+    base = {impl: build(cfg, impl, args.device) for impl in IMPLEMENTATIONS}
+    info = moe.describe(base["eager"])
+    delta = router_spread(base["eager"], ids[:8].to(args.device))
+    settings = [(m, i) for m in ("lora", "router_kl") for i in TRAINED] + [("decode_prior", i) for i in IMPLEMENTATIONS]
+    order = [s for s in settings for _ in range(args.repeats)]
+    random.Random(0).shuffle(order)
+    rows = []
+    for n, (phase, impl) in enumerate([(p, i) for p, i in settings] + order):  # the first pass of each: warm-up
+        started = time.perf_counter()
+        if phase == "decode_prior":
+            lm = base[impl].eval()
+            online = OnlineCache(ids.shape[0], len(info.layers), info.n_experts, len(info.layers) * info.n_experts // 4)
+            with cache_prior(lm, online, 0.1, delta):
+                decode_teacher_forced(lm, ids, online)
+            tokens = ids.numel()
+        else:
+            finetune.finetune(copy.deepcopy(base[impl]), blocks, ft, kind="topk_overlap", weight=3.0,
+                              top_k=info.top_k, seed=0, device=args.device, method=phase, anchor_weight=1.0)
+            tokens = args.steps * ft.batch_size * ft.block_size
+        _sync(args.device)
+        seconds = time.perf_counter() - started
+        if n >= len(settings):
+            rows.append({"phase": phase, "implementation": impl, "order": n - len(settings), "seconds": seconds,
+                         "tokens_per_s": tokens / seconds})
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpu")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    parser.add_argument("--decode-rows", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--study", action="store_true", help="time the study's own fine-tuning and decode paths")
+    parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "gpu_speed"))
+    args = parser.parse_args(argv)
+    import pandas as pd
+
+    cfg = load_config(args.preset)
+    if args.study:
+        table = study_paths(cfg, args)
+        summary = table.groupby(["phase", "implementation"]).seconds.describe()[["count", "25%", "50%", "75%"]]
+        summary["tokens_per_s_median"] = table.groupby(["phase", "implementation"]).tokens_per_s.median()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {**vars(args), "device_name": _device_name(args.device), "torch": torch.__version__}
+        save_table(table, out / "study_steps", cfg, **extra)
+        save_table(summary.reset_index(), out / "study_summary", cfg, **extra)
+        print(summary.to_string(), torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch.__version__)
+        return
+    vocab, block = cfg.model.vocab_size, cfg.pretrain.block_size
+    gen = torch.Generator().manual_seed(0)
+    batches = {"pretrain": torch.randint(2, vocab, (cfg.pretrain.batch_size, block), generator=gen),
+               "lora": torch.randint(2, vocab, (cfg.finetune.batch_size, cfg.finetune.block_size), generator=gen),
+               "decode": torch.randint(2, vocab, (args.decode_rows, args.decode_tokens), generator=gen)}
+    batches = {k: v.to(args.device) for k, v in batches.items()}
+    models, optimizers = {}, {}
+    for impl in IMPLEMENTATIONS:
+        try:
+            models[("decode", impl)] = build(cfg, impl, args.device)
+            if impl in TRAINED:
+                models[("pretrain", impl)] = models[("decode", impl)]
+                models[("lora", impl)] = lora_model(build(cfg, impl, args.device), None, cfg.finetune.lora_rank)
+        except Exception as error:  # an implementation this transformers lacks
+            print(f"{impl}: unavailable ({type(error).__name__}: {error})")
+            continue
+        for phase in ("pretrain", "lora") if impl in TRAINED else ():
+            params = [p for p in models[(phase, impl)].parameters() if p.requires_grad]
+            optimizers[(phase, impl)] = torch.optim.AdamW(params, lr=1e-4)
+
+    def run(phase, impl, steps):
+        lm = models[(phase, impl)]
+        if phase == "decode":
+            lm.eval()
+            decode_steps(lm, batches["decode"], args.decode_tokens)
+        else:
+            lm.train()
+            for _ in range(steps):
+                train_step(lm, optimizers[(phase, impl)], batches[phase])
+
+    agreement = []
+    with torch.no_grad():
+        probe = batches["decode"][:8]
+        reference = models[("decode", "eager")](input_ids=probe).logits.float()
+        for impl in [i for i in IMPLEMENTATIONS if ("decode", i) in models]:
+            logits = models[("decode", impl)](input_ids=probe).logits.float()
+            agreement.append({"implementation": impl, "max_abs_diff_vs_eager": (logits - reference).abs().max().item()})
+    settings = list(models)
+    for phase, impl in settings:  # warm-up: kernels, allocator, autotuning
+        run(phase, impl, 2)
+    order = [s for s in settings for _ in range(args.repeats)]
+    random.Random(0).shuffle(order)
+    rows = []
+    for repeat, (phase, impl) in enumerate(order):
+        _sync(args.device)
+        started = time.perf_counter()
+        run(phase, impl, args.steps)
+        _sync(args.device)
+        seconds = time.perf_counter() - started
+        per = args.decode_tokens if phase == "decode" else args.steps
+        tokens = batches[phase].numel() * (1 if phase == "decode" else args.steps)
+        rows.append({"phase": phase, "implementation": impl, "order": repeat, "seconds_per_step": seconds / per,
+                     "tokens_per_s": tokens / seconds})
+    table = pd.DataFrame(rows)
+    summary = table.groupby(["phase", "implementation"]).seconds_per_step.describe()[["count", "25%", "50%", "75%"]]
+    summary["tokens_per_s_median"] = table.groupby(["phase", "implementation"]).tokens_per_s.median()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {**vars(args), "device_name": _device_name(args.device), "torch": torch.__version__}
+    save_table(table, out / "steps", cfg, **extra)
+    save_table(summary.reset_index(), out / "summary", cfg, **extra)
+    save_table(pd.DataFrame(agreement), out / "agreement", cfg, **extra)
+    print(summary.to_string(), pd.DataFrame(agreement).to_string(), sep="\n")
+    print(torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch.__version__)
+
+
+if __name__ == "__main__":
+    main()
