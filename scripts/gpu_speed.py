@@ -6,8 +6,8 @@ decoding steps of a preset's model (random weights) under each experts implement
 With `--study`, the study's own paths instead: `finetune.finetune` (the MoETrainer, LoRA with the locality loss,
 and ReMoE's router-only recipe) and notebook 06's teacher-forced decode with the cache and the prior in the loop.
 
-Each (phase, implementation) is timed `--repeats` times in one seeded random order, after warm-up steps;
-medians and interquartile ranges of seconds per step. The implementations' logits on the same weights are
+Each (phase, implementation) is timed `--repeats` times in one seeded random order, after a warm-up run of each;
+medians and interquartile ranges (`serving.summarize_repeats`). The implementations' logits on the same weights are
 compared too (max |Δ| against eager), so a faster one is also shown to compute the same function.
 """
 
@@ -94,6 +94,39 @@ class _Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i], "document_ids": torch.zeros_like(self.ids[i])}
 
 
+def interleaved(settings: list, repeats: int, run, device: str) -> list[tuple[int, tuple, float]]:
+    """Each setting run once untimed (warm-up: kernels, allocator, autotuning), then `repeats` timed runs of every
+    setting in one seeded random order: (order, setting, seconds) per timed run."""
+    for setting in settings:
+        run(*setting, warmup=True)
+    order = [s for s in settings for _ in range(repeats)]
+    random.Random(0).shuffle(order)
+    timed = []
+    for n, setting in enumerate(order):
+        _sync(device)
+        started = time.perf_counter()
+        run(*setting, warmup=False)
+        _sync(device)
+        timed.append((n, setting, time.perf_counter() - started))
+    return timed
+
+
+def save(table, timed: str, name: str, cfg, args, **tables) -> "pd.DataFrame":
+    """The per-run `table` as `<name>steps`, its medians and IQRs (`serving.summarize_repeats`) as `<name>summary`,
+    and any further `tables`, each with the run's settings and device in its sidecar."""
+    from cfmoe.stages.serving import summarize_repeats
+
+    summary = summarize_repeats(table, keys=["phase", "implementation"], timed=(timed, "tokens_per_s"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {**vars(args), "device_name": _device_name(args.device), "torch": torch.__version__}
+    for stem, frame in {f"{name}steps": table, f"{name}summary": summary, **tables}.items():
+        save_table(frame, out / stem, cfg, **extra)
+    print(summary.to_string(), *[t.to_string() for t in tables.values()], extra["device_name"], torch.__version__,
+          sep="\n")
+    return summary
+
+
 def study_paths(cfg, args) -> "pd.DataFrame":
     """Seconds of the study's own fine-tuning (MoETrainer) and notebook 06 decode passes per implementation."""
     import copy
@@ -103,6 +136,7 @@ def study_paths(cfg, args) -> "pd.DataFrame":
 
     from cfmoe import moe
     from cfmoe.cache_prior import OnlineCache, cache_prior, decode_teacher_forced, router_spread
+    from cfmoe.stages.beyond_cfmoe import capacity
 
     ft = dataclasses.replace(cfg.finetune, steps=args.steps)
     gen = torch.Generator().manual_seed(1)
@@ -112,26 +146,23 @@ def study_paths(cfg, args) -> "pd.DataFrame":
     info = moe.describe(base["eager"])
     delta = router_spread(base["eager"], ids[:8].to(args.device))
     settings = [(m, i) for m in ("lora", "router_kl") for i in TRAINED] + [("decode_prior", i) for i in IMPLEMENTATIONS]
-    order = [s for s in settings for _ in range(args.repeats)]
-    random.Random(0).shuffle(order)
-    rows = []
-    for n, (phase, impl) in enumerate([(p, i) for p, i in settings] + order):  # the first pass of each: warm-up
-        started = time.perf_counter()
+
+    def run(phase, impl, warmup):
         if phase == "decode_prior":
             lm = base[impl].eval()
-            online = OnlineCache(ids.shape[0], len(info.layers), info.n_experts, len(info.layers) * info.n_experts // 4)
+            online = OnlineCache(ids.shape[0], len(info.layers), info.n_experts,
+                                 capacity(0.25, len(info.layers), info.n_experts))  # notebook 06's 25%
             with cache_prior(lm, online, 0.1, delta):
                 decode_teacher_forced(lm, ids, online)
-            tokens = ids.numel()
         else:
             finetune.finetune(copy.deepcopy(base[impl]), blocks, ft, kind="topk_overlap", weight=3.0,
                               top_k=info.top_k, seed=0, device=args.device, method=phase, anchor_weight=1.0)
-            tokens = args.steps * ft.batch_size * ft.block_size
-        _sync(args.device)
-        seconds = time.perf_counter() - started
-        if n >= len(settings):
-            rows.append({"phase": phase, "implementation": impl, "order": n - len(settings), "seconds": seconds,
-                         "tokens_per_s": tokens / seconds})
+
+    tokens = {"decode_prior": ids.numel(), "lora": args.steps * ft.batch_size * ft.block_size}
+    tokens["router_kl"] = tokens["lora"]
+    rows = [{"phase": phase, "implementation": impl, "order": n, "seconds": seconds,
+             "tokens_per_s": tokens[phase] / seconds}
+            for n, (phase, impl), seconds in interleaved(settings, args.repeats, run, args.device)]
     return pd.DataFrame(rows)
 
 
@@ -150,15 +181,7 @@ def main(argv=None) -> None:
 
     cfg = load_config(args.preset)
     if args.study:
-        table = study_paths(cfg, args)
-        summary = table.groupby(["phase", "implementation"]).seconds.describe()[["count", "25%", "50%", "75%"]]
-        summary["tokens_per_s_median"] = table.groupby(["phase", "implementation"]).tokens_per_s.median()
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        extra = {**vars(args), "device_name": _device_name(args.device), "torch": torch.__version__}
-        save_table(table, out / "study_steps", cfg, **extra)
-        save_table(summary.reset_index(), out / "study_summary", cfg, **extra)
-        print(summary.to_string(), torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch.__version__)
+        save(study_paths(cfg, args), "seconds", "study_", cfg, args)
         return
     vocab, block = cfg.model.vocab_size, cfg.pretrain.block_size
     gen = torch.Generator().manual_seed(0)
@@ -180,14 +203,14 @@ def main(argv=None) -> None:
             params = [p for p in models[(phase, impl)].parameters() if p.requires_grad]
             optimizers[(phase, impl)] = torch.optim.AdamW(params, lr=1e-4)
 
-    def run(phase, impl, steps):
+    def run(phase, impl, warmup):
         lm = models[(phase, impl)]
         if phase == "decode":
             lm.eval()
             decode_steps(lm, batches["decode"], args.decode_tokens)
         else:
             lm.train()
-            for _ in range(steps):
+            for _ in range(2 if warmup else args.steps):
                 train_step(lm, optimizers[(phase, impl)], batches[phase])
 
     agreement = []
@@ -197,33 +220,13 @@ def main(argv=None) -> None:
         for impl in [i for i in IMPLEMENTATIONS if ("decode", i) in models]:
             logits = models[("decode", impl)](input_ids=probe).logits.float()
             agreement.append({"implementation": impl, "max_abs_diff_vs_eager": (logits - reference).abs().max().item()})
-    settings = list(models)
-    for phase, impl in settings:  # warm-up: kernels, allocator, autotuning
-        run(phase, impl, 2)
-    order = [s for s in settings for _ in range(args.repeats)]
-    random.Random(0).shuffle(order)
     rows = []
-    for repeat, (phase, impl) in enumerate(order):
-        _sync(args.device)
-        started = time.perf_counter()
-        run(phase, impl, args.steps)
-        _sync(args.device)
-        seconds = time.perf_counter() - started
+    for n, (phase, impl), seconds in interleaved(list(models), args.repeats, run, args.device):
         per = args.decode_tokens if phase == "decode" else args.steps
         tokens = batches[phase].numel() * (1 if phase == "decode" else args.steps)
-        rows.append({"phase": phase, "implementation": impl, "order": repeat, "seconds_per_step": seconds / per,
+        rows.append({"phase": phase, "implementation": impl, "order": n, "seconds_per_step": seconds / per,
                      "tokens_per_s": tokens / seconds})
-    table = pd.DataFrame(rows)
-    summary = table.groupby(["phase", "implementation"]).seconds_per_step.describe()[["count", "25%", "50%", "75%"]]
-    summary["tokens_per_s_median"] = table.groupby(["phase", "implementation"]).tokens_per_s.median()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    extra = {**vars(args), "device_name": _device_name(args.device), "torch": torch.__version__}
-    save_table(table, out / "steps", cfg, **extra)
-    save_table(summary.reset_index(), out / "summary", cfg, **extra)
-    save_table(pd.DataFrame(agreement), out / "agreement", cfg, **extra)
-    print(summary.to_string(), pd.DataFrame(agreement).to_string(), sep="\n")
-    print(torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch.__version__)
+    save(pd.DataFrame(rows), "seconds_per_step", "", cfg, args, agreement=pd.DataFrame(agreement))
 
 
 if __name__ == "__main__":
