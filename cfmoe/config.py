@@ -172,6 +172,16 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class BeyondConfig:
+    """Notebook 06's token-by-token passes (the cache in the loop) and its generated text, sized per preset."""
+
+    decode_window: int = 0  # tokens each request decodes: validation/test blocks cut into windows of this many
+    # tokens, each a request with its own cold cache (0 = the whole block, finetune.block_size)
+    generated_entries: int = 0  # notebook 04's entries each method generates for (0 = ecr.entries)
+    generated_tokens: int = 0  # new tokens per generated entry (0 = ecr.max_new_tokens)
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """Everything a notebook needs; frozen so a run cannot change its own inputs half-way."""
 
@@ -188,6 +198,7 @@ class StudyConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     ecr: EcrConfig = field(default_factory=EcrConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    beyond: BeyondConfig = field(default_factory=BeyondConfig)
 
     @property
     def artifacts_dir(self) -> Path:
@@ -332,7 +343,10 @@ def validate(cfg: StudyConfig, where: str = "config") -> None:
                      "pretrain.time_limit_minutes": cfg.pretrain.time_limit_minutes,
                      "finetune.aux_loss_coef": cfg.finetune.aux_loss_coef, "finetune.locality_weight": cfg.finetune.locality_weight,
                      "router_design.max_ppl_increase": cfg.router_design.max_ppl_increase,
-                     "serving.throttle_gbps": cfg.serving.throttle_gbps}
+                     "serving.throttle_gbps": cfg.serving.throttle_gbps,
+                     "beyond.decode_window": cfg.beyond.decode_window,
+                     "beyond.generated_entries": cfg.beyond.generated_entries,
+                     "beyond.generated_tokens": cfg.beyond.generated_tokens}
     for name, value in at_least_zero.items():
         if value < 0:
             _fail(where, name, value, "it must be >= 0")
@@ -351,6 +365,10 @@ def validate(cfg: StudyConfig, where: str = "config") -> None:
     if cfg.finetune.block_size > m.max_positions or cfg.pretrain.block_size > m.max_positions:
         _fail(where, "block_size", max(cfg.finetune.block_size, cfg.pretrain.block_size),
               f"blocks must fit model.max_positions ({m.max_positions})")
+    window = cfg.beyond.decode_window
+    if window and (window < 2 or cfg.finetune.block_size % window):
+        _fail(where, "beyond.decode_window", window, f"use 0 (whole blocks) or a divisor >= 2 of finetune.block_size "
+                                                     f"({cfg.finetune.block_size})")
     if cfg.pretrain.precision not in ("fp32", "bf16"):
         _fail(where, "pretrain.precision", cfg.pretrain.precision, "use 'fp32' or 'bf16'")
     for name, value in {"pretrain.heldout_fraction": cfg.pretrain.heldout_fraction,

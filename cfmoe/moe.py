@@ -16,6 +16,7 @@ on their own as `adapter_bytes` (0 once merged and unloaded).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 from dataclasses import dataclass, field, fields
@@ -70,6 +71,24 @@ class MoEModelInfo:
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def experts_implementation(model: nn.Module, name: str | None):
+    """Within the block the fused experts run transformers' implementation `name` ("eager", "grouped_mm",
+    "batched_mm"; None leaves it as it is), and the model's own is restored after. The implementations compute the
+    same function (float rounding aside); their speed differs by device and batch shape
+    (`scripts/gpu_speed.py`). A model without the switch runs as it is."""
+    base = unwrap(model)
+    before = getattr(getattr(base, "config", None), "_experts_implementation", None)
+    if name is None or before is None or not hasattr(base, "set_experts_implementation"):
+        yield
+        return
+    base.set_experts_implementation(name)
+    try:
+        yield
+    finally:
+        base.set_experts_implementation(before)
 
 
 def _base(module: nn.Module) -> nn.Module:

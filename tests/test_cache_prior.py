@@ -147,3 +147,20 @@ def test_equal_perplexity_interpolates_the_stacks_curve():
     assert equal.loc["remoe", "against_misses"] == 7.0  # halfway along the stack's curve, 102 -> 104
     assert np.isnan(equal.loc["control", "against_misses"])  # 100 is below the stack's curve
     assert equal.loc["cfmoe+cache_prior", "against_misses"] == 6.0  # the prior alone at 104
+
+
+def test_decode_windows_cut_blocks_in_order(monkeypatch):
+    """Notebook 06's requests: each block cut into `beyond.decode_window`-token windows, in order; 0 keeps blocks."""
+    import dataclasses
+
+    from cfmoe import evaluate
+    from cfmoe.config import load_config
+    from cfmoe.stages import beyond_cfmoe
+
+    blocks = np.arange(3 * 8).reshape(3, 8)
+    monkeypatch.setattr(evaluate, "test_blocks", lambda *args, **kwargs: {"input_ids": blocks})
+    cfg = load_config("smoke")
+    assert beyond_cfmoe._ids(cfg, None, "test").tolist() == blocks.tolist()
+    cfg = dataclasses.replace(cfg, beyond=dataclasses.replace(cfg.beyond, decode_window=4))
+    windows = beyond_cfmoe._ids(cfg, None, "validation")
+    assert windows.shape == (6, 4) and windows.reshape(-1).tolist() == blocks.reshape(-1).tolist()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from cfmoe.moe import SUPPORTED_ARCHITECTURES, describe, unwrap
+from cfmoe.moe import SUPPORTED_ARCHITECTURES, describe, experts_implementation, unwrap
 from tiny_models import ARCHITECTURES, tiny_moe
 
 F32 = 4
@@ -121,3 +121,23 @@ def test_to_dict_is_json_ready():
 
     summary = describe(tiny_moe("qwen2_moe")).to_dict()
     assert json.loads(json.dumps(summary))["layers"][0]["name"] == "model.layers.0.mlp"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_experts_implementation_switches_and_restores(arch):
+    """Inside the block the fused experts run the named implementation (same logits up to rounding); the model's
+    own is back after it, also through a peft wrapper."""
+    lm = tiny_moe(arch).eval()
+    own = lm.config._experts_implementation
+    ids = torch.randint(0, lm.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        before = lm(ids).logits
+        wrapped = peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules="all-linear"))
+        other = "batched_mm" if own != "batched_mm" else "grouped_mm"
+        with experts_implementation(wrapped, other):
+            assert lm.config._experts_implementation == other
+            during = lm(ids).logits
+        with experts_implementation(wrapped, None):
+            assert lm.config._experts_implementation == own
+    assert lm.config._experts_implementation == own
+    torch.testing.assert_close(during, before, rtol=1e-4, atol=1e-5)

@@ -49,8 +49,16 @@ REMOE_WEIGHT_FACTORS = (0.3, 1.0, 3.0, 10.0)
 
 
 def _ids(cfg: StudyConfig, tokenizer, split: str) -> torch.Tensor:
+    """The split's teacher-forced requests: its blocks, cut into `beyond.decode_window`-token windows if set."""
     tokens = cfg.router_design.eval_tokens if split == "validation" else cfg.finetune.eval_tokens
-    return torch.as_tensor(evaluate.test_blocks(tokenizer, cfg.finetune.block_size, tokens, split)["input_ids"])
+    ids = torch.as_tensor(evaluate.test_blocks(tokenizer, cfg.finetune.block_size, tokens, split)["input_ids"])
+    window = cfg.beyond.decode_window or ids.shape[1]
+    return ids.reshape(-1, window)
+
+
+# token-by-token passes run transformers' fastest experts implementation for one-token steps on the device
+# (results/benchmarks/gpu_speed/: batched_mm 2x grouped_mm on an H100); the CPU keeps the model's own
+DECODE_IMPLEMENTATION = {"cuda": "batched_mm"}
 
 
 def decode(lm, ids: torch.Tensor, share: float, policy: str, lam: float, delta) -> dict:
@@ -59,7 +67,8 @@ def decode(lm, ids: torch.Tensor, share: float, policy: str, lam: float, delta) 
     n_layers, n_experts = len(info.layers), info.n_experts
     online = OnlineCache(ids.shape[0], n_layers, n_experts, capacity(share, n_layers, n_experts), policy,
                          halflife=cache.aging_halflife(n_layers, info.top_k))
-    with cache_prior(lm, online, lam, delta), record_routing(lm) as recorder:
+    with cache_prior(lm, online, lam, delta), record_routing(lm) as recorder, \
+            moe.experts_implementation(lm, DECODE_IMPLEMENTATION.get(moe.unwrap(lm).device.type)):
         nll, misses = decode_teacher_forced(lm, ids, online)
     experts = np.concatenate([e for e, _ in recorder.calls()]).reshape(ids.shape[1], ids.shape[0], n_layers, -1)
     return {"ppl": float(np.exp(nll.sum() / (ids.shape[0] * (ids.shape[1] - 1)))),
@@ -275,8 +284,9 @@ def generated_quality(cfg: StudyConfig, models: dict, deltas: dict, seed: int, c
     Δ) by run name."""
     from .ecr_wikitext import decoding_settings, entries
 
-    prompts = list(entries(cfg)["prompt"])
+    prompts = list(entries(cfg)["prompt"])[:cfg.beyond.generated_entries or None]
     settings = decoding_settings(cfg)["sampled"]
+    new_tokens = cfg.beyond.generated_tokens or cfg.ecr.max_new_tokens
     rows = []
     for method, (run, prior) in STACKS.items():
         lm = models[run]
@@ -286,12 +296,12 @@ def generated_quality(cfg: StudyConfig, models: dict, deltas: dict, seed: int, c
         torch.manual_seed(seed)
         for entry, prompt in enumerate(prompts):
             online = OnlineCache(1, n_layers, info.n_experts, capacity(SWEEP[0], n_layers, info.n_experts), SWEEP[1])
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(moe.unwrap(lm).device)
             with cache_prior(lm, online, chosen[method] if prior else 0.0, delta, decode_only=True):
                 out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=cfg.ecr.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
                                   **settings)
-            tokens = out[0, ids.shape[1]:].numpy()
+            tokens = out[0, ids.shape[1]:].cpu().numpy()
             rows.append({"method": method, "seed": seed, "entry": entry, "generated_tokens": len(tokens),
                          "repeated_4gram_rate": textquality.repeated_ngram_rate(tokens, 4),
                          "distinct_2": textquality.distinct_n(tokens, 2),
