@@ -181,7 +181,7 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                 rows.append({**point, "policy": "opt", "decode_misses_per_token": opt / ids["test"].numel()})
     quality = pd.DataFrame([row for seed in ft.seeds
                             for row in generated_quality(cfg, by_seed[seed], deltas[seed], seed, chosen, tokenizer)])
-    engine = engine_measurements(cfg, by_seed[ft.seeds[0]], chosen, tokenizer)
+    engine = engine_measurements(cfg, by_seed[ft.seeds[0]], chosen, deltas[ft.seeds[0]], tokenizer)
     methods = with_changes(pd.DataFrame(rows))
     summary = stats.summarize(methods, ["method", "cache_share", "policy"],
                               ["decode_misses_per_token", "misses_vs_control", "val_ppl", "test_ppl",
@@ -309,11 +309,11 @@ def generated_quality(cfg: StudyConfig, models: dict, deltas: dict, seed: int, c
     return rows
 
 
-def engine_measurements(cfg: StudyConfig, models: dict, chosen: dict, tokenizer) -> pd.DataFrame:
+def engine_measurements(cfg: StudyConfig, models: dict, chosen: dict, deltas: dict, tokenizer) -> pd.DataFrame:
     """The offloading engine's decode tokens/s of every method (primary seed) at 25% and 50% of experts, on
     notebook 05's emulated (sleep-throttled) tier, LRU: `serving.repeats` repeats of every setting in one seeded
-    random order, each after an untimed warm-up. The prior reads the engine's own cache (`EngineCache`).
-    `models`: the primary seed's, by run name."""
+    random order, each after an untimed warm-up. The prior reads the engine's own cache (`EngineCache`), with the
+    same Δ as in simulation (measured on validation text). `models` and `deltas`: the primary seed's, by run name."""
     from ..cache_prior import EngineCache
     from ..serving import write_store
 
@@ -334,14 +334,14 @@ def engine_measurements(cfg: StudyConfig, models: dict, chosen: dict, tokenizer)
     bandwidth = sc.throttle_gbps or serving.scaled_bandwidth(sizes, 1 / float(np.median(list(speeds.values()))),
                                                             cfg.cache.bits_per_param)
     benches = {run: serving.EngineBench(models[run], stores[run], "throttled", bandwidth) for run in stores}
-    delta = {run: router_spread(models[run], requests[0]) for run in stores}
     settings = [(method, share) for method in STACKS for share in (0.25, 0.5)]
     rows = []
     for position, (index, repeat) in enumerate(serving.run_order(len(settings), sc.repeats, cfg.seed)):
         method, share = settings[index]
         run, prior = STACKS[method]
         bench = benches[run]
-        with cache_prior(bench.model, EngineCache(bench.engine), chosen[method] if prior else 0.0, delta[run]):
+        with cache_prior(bench.model, EngineCache(bench.engine), chosen[method] if prior else 0.0,
+                         deltas[run] if prior else None):
             result = bench.run(requests, references[run], kwargs, warmup, capacity=capacity(share, len(info.layers), info.n_experts),
                                policy="lru", mode="disaggregated", tier="throttled", bandwidth_gbps=bandwidth)
         rows.append({"method": method, "share": share, "lam": chosen[method] if prior else 0.0, "repeat": repeat,
