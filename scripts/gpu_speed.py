@@ -3,8 +3,10 @@ decoding steps of a preset's model (random weights) under each experts implement
 
     python3 scripts/gpu_speed.py --preset gpu --out results/benchmarks/gpu_speed     # on the GPU
 
-With `--study`, the study's own paths instead: `finetune.finetune` (the MoETrainer, LoRA with the locality loss,
-and ReMoE's router-only recipe) and notebook 06's teacher-forced decode with the cache and the prior in the loop.
+With `--study`, the study's own paths instead: `model.train_base` (pre-training through the MoETrainer, with its
+balance loss and held-out probes), `finetune.finetune` (LoRA with the locality loss, and ReMoE's router-only recipe)
+and notebook 06's teacher-forced decode with the cache and the prior in the loop. `--determinism both` times each of
+them with torch's deterministic algorithms on (as the stages run, `determinism.make_deterministic`) and off.
 
 Each (phase, implementation) is timed `--repeats` times in one seeded random order, after a warm-up run of each;
 medians and interquartile ranges (`serving.summarize_repeats`). The implementations' logits on the same weights are
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,12 +114,12 @@ def interleaved(settings: list, repeats: int, run, device: str) -> list[tuple[in
     return timed
 
 
-def save(table, timed: str, name: str, cfg, args, **tables) -> "pd.DataFrame":
+def save(table, timed: str, name: str, cfg, args, keys=("phase", "implementation"), **tables) -> "pd.DataFrame":
     """The per-run `table` as `<name>steps`, its medians and IQRs (`serving.summarize_repeats`) as `<name>summary`,
     and any further `tables`, each with the run's settings and device in its sidecar."""
     from cfmoe.stages.serving import summarize_repeats
 
-    summary = summarize_repeats(table, keys=["phase", "implementation"], timed=(timed, "tokens_per_s"))
+    summary = summarize_repeats(table, keys=list(keys), timed=(timed, "tokens_per_s"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = {**vars(args), "device_name": _device_name(args.device), "torch": torch.__version__}
@@ -135,6 +138,7 @@ def study_paths(cfg, args) -> "pd.DataFrame":
     import pandas as pd
 
     from cfmoe import moe
+    from cfmoe import model as study_model
     from cfmoe.cache_prior import OnlineCache, cache_prior, decode_teacher_forced, router_spread
     from cfmoe.stages.beyond_cfmoe import capacity
 
@@ -145,10 +149,24 @@ def study_paths(cfg, args) -> "pd.DataFrame":
     base = {impl: build(cfg, impl, args.device) for impl in IMPLEMENTATIONS}
     info = moe.describe(base["eager"])
     delta = router_spread(base["eager"], ids[:8].to(args.device))
-    settings = [(m, i) for m in ("lora", "router_kl") for i in TRAINED] + [("decode_prior", i) for i in IMPLEMENTATIONS]
+    pre = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, max_steps=args.steps,
+                                                                eval_every=10 * args.steps, time_limit_minutes=0.0))
+    pretrain_blocks = _Blocks(torch.randint(2, cfg.model.vocab_size, (pre.pretrain.batch_size * args.steps,
+                                                                      pre.pretrain.block_size), generator=gen))
+    heldout = {"input_ids": pretrain_blocks.ids[:8].numpy(), "document_ids": torch.zeros(8, pre.pretrain.block_size,
+                                                                                         dtype=torch.long).numpy()}
+    flags = {"on": (True,), "off": (False,), "both": (True, False)}[args.determinism]
+    settings = [(m, i, d) for m in ("pretrain", "lora", "router_kl") for i in TRAINED for d in flags] + \
+               [("decode_prior", i, d) for i in IMPLEMENTATIONS for d in flags]
 
-    def run(phase, impl, warmup):
-        if phase == "decode_prior":
+    def run(phase, impl, deterministic, warmup):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        if phase == "pretrain":
+            lm, trainer, _ = study_model.train_base(pre, _Vocabulary(cfg.model.vocab_size), pretrain_blocks, heldout,
+                                                    tempfile.mkdtemp(prefix="gpu_speed_"))
+            lm.set_experts_implementation(impl)
+            trainer.train()
+        elif phase == "decode_prior":
             lm = base[impl].eval()
             online = OnlineCache(ids.shape[0], len(info.layers), info.n_experts,
                                  capacity(0.25, len(info.layers), info.n_experts))  # notebook 06's 25%
@@ -158,11 +176,12 @@ def study_paths(cfg, args) -> "pd.DataFrame":
             finetune.finetune(copy.deepcopy(base[impl]), blocks, ft, kind="topk_overlap", weight=3.0,
                               top_k=info.top_k, seed=0, device=args.device, method=phase, anchor_weight=1.0)
 
-    tokens = {"decode_prior": ids.numel(), "lora": args.steps * ft.batch_size * ft.block_size}
+    tokens = {"decode_prior": ids.numel(), "lora": args.steps * ft.batch_size * ft.block_size,
+              "pretrain": args.steps * pre.pretrain.batch_size * pre.pretrain.block_size}
     tokens["router_kl"] = tokens["lora"]
-    rows = [{"phase": phase, "implementation": impl, "order": n, "seconds": seconds,
+    rows = [{"phase": phase, "implementation": impl, "deterministic": deterministic, "order": n, "seconds": seconds,
              "tokens_per_s": tokens[phase] / seconds}
-            for n, (phase, impl), seconds in interleaved(settings, args.repeats, run, args.device)]
+            for n, (phase, impl, deterministic), seconds in interleaved(settings, args.repeats, run, args.device)]
     return pd.DataFrame(rows)
 
 
@@ -174,14 +193,16 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
     parser.add_argument("--decode-rows", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--study", action="store_true", help="time the study's own fine-tuning and decode paths")
+    parser.add_argument("--study", action="store_true", help="time the study's own training and decode paths")
+    parser.add_argument("--determinism", choices=("on", "off", "both"), default="on",
+                        help="--study: torch's deterministic algorithms during each run (on: as the stages run)")
     parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "gpu_speed"))
     args = parser.parse_args(argv)
     import pandas as pd
 
     cfg = load_config(args.preset)
     if args.study:
-        save(study_paths(cfg, args), "seconds", "study_", cfg, args)
+        save(study_paths(cfg, args), "seconds", "study_", cfg, args, keys=("phase", "implementation", "deterministic"))
         return
     vocab, block = cfg.model.vocab_size, cfg.pretrain.block_size
     gen = torch.Generator().manual_seed(0)

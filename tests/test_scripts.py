@@ -37,13 +37,16 @@ def test_gpu_speed_times_every_implementation_and_they_agree(tmp_path, study):
     import pandas as pd
 
     args = ["python", str(ROOT / "scripts" / "gpu_speed.py"), "--preset", "smoke", "--device", "cpu", "--repeats", "2",
-            "--steps", "1", "--decode-rows", "2", "--decode-tokens", "3", "--out", str(tmp_path)] + ["--study"] * study
+            "--steps", "1", "--decode-rows", "2", "--decode-tokens", "3", "--out", str(tmp_path)] + \
+        ["--study", "--determinism", "both"] * study
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = pd.read_csv(tmp_path / ("study_steps.csv" if study else "steps.csv"))
-    phases = ["decode_prior", "lora", "router_kl"] if study else ["decode", "lora", "pretrain"]
-    counts = steps.groupby(["phase", "implementation"]).size()
+    phases = ["decode_prior", "lora", "pretrain", "router_kl"] if study else ["decode", "lora", "pretrain"]
+    counts = steps.groupby(["phase", "implementation"] + ["deterministic"] * study).size()
     assert sorted(steps.phase.unique()) == phases and (counts == 2).all()
+    if study:  # every setting with torch's deterministic algorithms on and off
+        assert steps.groupby(["phase", "implementation"]).deterministic.nunique().eq(2).all()
     assert set(steps[steps.phase == phases[0]].implementation) == {"eager", "batched_mm", "grouped_mm"}
     assert (steps.seconds_per_step if not study else steps.seconds).gt(0).all()
     assert json.loads((tmp_path / ("study_steps.json" if study else "steps.json")).read_text())["device_name"] == "cpu"
