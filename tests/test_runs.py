@@ -137,3 +137,29 @@ def test_memoized_tables_are_exact_and_keyed_by_inputs_and_code(tmp_path, monkey
     runs.memoized_table(cfg, "s", "curves", {"traces": "base-abc"}, compute, code=(cache, metrics))
     runs.memoized_table(cfg, "s", "curves", {"traces": "base-abc"}, compute, code=(cache,), force=True)
     assert len(calls) == 4  # other traces, other simulator source, force
+
+
+def test_a_stage_beside_fine_tuning_waits_for_each_model(tmp_path, monkeypatch):
+    """With $CFMOE_WAIT_FOR_RUNS a missing run's model is waited for and loaded once its save lands (whole, by
+    rename); without it, or past the wait, a missing model is one clear error."""
+    import threading
+
+    monkeypatch.setenv("CFMOE_ARTIFACTS", str(tmp_path))
+    cfg = load_config("smoke")
+    lm, tok = tiny_moe("qwen2_moe"), tiny_tokenizer()
+    with pytest.raises(FileNotFoundError, match=r"merged is missing: run the notebook that trains 'cfmoe'"):
+        runs.load_finetuned(cfg, "cfmoe", 1)
+    monkeypatch.setenv(runs.WAIT_ENV, "0.2")
+    with pytest.raises(FileNotFoundError, match=r"missing after waiting 0.2 s"):
+        runs.load_finetuned(cfg, "cfmoe", 1)
+    monkeypatch.setenv(runs.WAIT_ENV, "60")
+    saver = threading.Timer(1.0, runs.save_finetuned, args=(cfg, "cfmoe", lm, tok, 1))
+    saver.start()
+    started = time.monotonic()
+    loaded = runs.load_finetuned(cfg, "cfmoe", 1)
+    saver.join()
+    assert 0.9 <= time.monotonic() - started < 30
+    assert moe.weights_fingerprint(loaded) == moe.weights_fingerprint(lm)
+    monkeypatch.setenv(runs.WAIT_ENV, "soon")
+    with pytest.raises(ValueError, match=r"CFMOE_WAIT_FOR_RUNS='soon' is not a number of seconds"):
+        runs.load_finetuned(cfg, "lora_control", 1)

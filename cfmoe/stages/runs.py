@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -86,11 +88,28 @@ def load_runs(cfg: StudyConfig, seed: int | None = None) -> tuple[dict, object]:
     return models, tokenizer
 
 
+WAIT_ENV = "CFMOE_WAIT_FOR_RUNS"  # seconds to wait for a run's model that another process is still training
+
+
 def load_finetuned(cfg: StudyConfig, run: str, seed: int | None = None):
-    """One saved run's merged model (`save_finetuned`) of one seed."""
+    """One saved run's merged model (`save_finetuned`) of one seed.
+
+    With $CFMOE_WAIT_FOR_RUNS set to N > 0, a missing model is waited for up to N seconds: a stage can then run
+    beside notebook 02 (`scripts/gpu_stages.sh fine_tuning+beyond_cfmoe`) and take each seed's models as they
+    are saved (a save appears whole, by rename). Only a missing model is waited for: start from an empty
+    `artifacts/<preset>/finetune/`, or an earlier run's models are taken."""
     path = finetuned_dir(cfg, run, seed) / "merged"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is missing: run the notebook that trains {run!r} for preset {cfg.preset!r}")
+    wait = os.environ.get(WAIT_ENV, "0")
+    try:
+        deadline = time.monotonic() + float(wait)
+    except ValueError:
+        raise ValueError(f"${WAIT_ENV}={wait!r} is not a number of seconds") from None
+    while not (path / "config.json").is_file():
+        if time.monotonic() >= deadline:
+            waited = f" after waiting {float(wait):g} s" if float(wait) > 0 else ""
+            raise FileNotFoundError(f"{path} is missing{waited}: run the notebook that trains {run!r} for preset "
+                                    f"{cfg.preset!r}")
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
     return model.load_model(path, device=cfg.device)[0]
 
 
