@@ -1,7 +1,9 @@
 import json
 import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from cfmoe.present.notebooks import failed_cell
@@ -53,3 +55,30 @@ def test_gpu_speed_times_every_implementation_and_they_agree(tmp_path, study):
     if not study:  # the same function: every implementation's logits within float rounding of eager's
         agreement = pd.read_csv(tmp_path / "agreement.csv").set_index("implementation").max_abs_diff_vs_eager
         assert agreement["eager"] == 0 and agreement.max() < 1e-4
+
+
+def test_compare_runs_checks_each_claim_against_the_other_runs_interval(tmp_path):
+    """Two results folders: a table written by the same run on both sides is not compared; a re-run's mean is
+    checked against the first run's interval, both ways."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_runs
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for root in (first, second):
+        for notebook, name in (("02_fine_tuning", "runs"), ("04_ecr_wikitext", "summary"),
+                               ("04_ecr_wikitext", "paper_comparison")):
+            (root / notebook).mkdir(parents=True, exist_ok=True)
+            for suffix in (".csv", ".json"):
+                shutil.copy(ROOT / "results" / notebook / f"{name}{suffix}", root / notebook / f"{name}{suffix}")
+    runs = pd.read_csv(second / "02_fine_tuning" / "runs.csv")
+    runs.loc[runs.run == "cfmoe", "ecr_vs_control"] *= 3  # far outside the first run's interval
+    runs.to_csv(second / "02_fine_tuning" / "runs.csv", index=False)
+    sidecar = json.loads((second / "02_fine_tuning" / "runs.json").read_text())
+    (second / "02_fine_tuning" / "runs.json").write_text(json.dumps({**sidecar, "commit": "another"}))
+    table = compare_runs.compare(first, second).set_index("claim")
+    assert (table.loc[table.index.str.startswith("04"), "status"] == "same run").all()
+    gain = table.loc["02 teacher-forced ecr_gain"]
+    assert gain.status == "compared" and not gain.second_mean_in_first_interval
+    assert table.loc["02 teacher-forced ppl_cost", "second_mean_in_first_interval"]
