@@ -65,8 +65,8 @@ def claims(root: Path, preset: str = "cpu") -> dict[str, tuple[tuple[float, floa
     if beyond is not None:
         at = beyond[(beyond.cache_share == SHARE) & (beyond.policy == POLICY)].set_index("method")
         for method in ("cfmoe+cache_prior", "cache_prior", "remoe", "cfmoe"):
+            row = at.loc[method]
             for col in ("misses_vs_control", "ppl_vs_control"):
-                row = at.loc[method]
                 out[f"06 {method} {col}"] = ((row[col], row[f"{col}_low"], row[f"{col}_high"]), beyond_id)
     return out
 
