@@ -38,6 +38,9 @@ def test_greedy_generation_is_token_identical_across_budgets_and_modes(arch, tmp
                                tier="page_cache", prefetch=prefetch)
         out, stats = engine.generate(ids, mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert torch.equal(out, expected), (capacity, mode, policy)
+        # the device slot table is the cache's map, after every load and eviction
+        table = engine.slot_table.cpu().numpy()
+        assert {(l, e): int(s) for (l, e), s in np.ndenumerate(table) if s >= 0} == engine.cache.slot
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, logits, rtol=1e-4, atol=1e-5)
         # the budget: the model now holds its resident weights and the slot pool, nothing more

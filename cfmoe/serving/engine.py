@@ -12,7 +12,8 @@ preallocated **slot pool** (the fast tier) instead: `capacity` cache slots, plus
 staging slots in the disaggregated modes (and runs the experts' eager implementation, which touches only the
 slots a call uses). Before each experts call the engine places the experts the call
 needs into slots (hits stay, misses are read from the store, evicting by the cache policy) and calls the
-original module with the expert indices remapped to slot indices. The math is the module's own.
+original module with the expert indices remapped to slot indices (through a slot table kept on the model's
+device, so a call whose experts are all cached needs no host-built map). The math is the module's own.
 
 Slow tiers: `cfmoe.serving.store`.
 
@@ -226,6 +227,9 @@ class OffloadEngine:
         self.staging = n_experts if mode != "unified" else 0
         self.n_slots = self.cache.n_slots + self.staging
         self.counters = Counters()
+        # the slot of every cached (layer, expert), -1 if absent, on the device: a cached call maps its routing to
+        # slots there (no host tensor, no copy); misses and evictions update it (`_claim`)
+        self.slot_table = torch.full((n_layers, n_experts), -1, dtype=torch.long, device=self.device)
         self.phase = "prefill"
         self.prefetch = bool(prefetch)
         self._pending = None  # the background prefetch in flight: a future of its seconds
@@ -349,6 +353,9 @@ class OffloadEngine:
         """A cache slot for `key` (evicting by the policy); an evicted prefetch is no longer ahead."""
         slot, evicted = self.cache.insert(key, pinned)
         self._ahead.discard(evicted)
+        if evicted is not None:
+            self.slot_table[evicted] = -1
+        self.slot_table[key] = slot
         return slot
 
     def _wait(self) -> None:
@@ -398,12 +405,16 @@ class OffloadEngine:
             flat = top_k_index.reshape(-1).tolist()
             needed = list(dict.fromkeys(flat))  # first-occurrence order: a token's experts in router order
             self._staged = {}
-            single = (self.phase == "prefill" and self.mode != "unified") or len(needed) <= self.cache.capacity
+            stream = self.phase == "prefill" and self.mode != "unified"
+            single = stream or len(needed) <= self.cache.capacity
             out = None
             for group in self._place(layer, needed):
-                lookup = torch.full((self.info.n_experts,), -1, dtype=top_k_index.dtype)
-                lookup[list(group)] = torch.tensor(list(group.values()), dtype=top_k_index.dtype)
-                slots = lookup.to(top_k_index.device)[top_k_index]
+                if single and not stream:  # one group, every expert cached: the device table maps it
+                    slots = self.slot_table[layer][top_k_index].to(top_k_index.dtype)
+                else:  # staged slots, or one of several groups: this call's own map
+                    lookup = torch.full((self.info.n_experts,), -1, dtype=top_k_index.dtype)
+                    lookup[list(group)] = torch.tensor(list(group.values()), dtype=top_k_index.dtype)
+                    slots = lookup.to(top_k_index.device)[top_k_index]
                 if single:
                     index, weights = slots, top_k_weights
                 else:  # entries of other groups contribute nothing to this pass
