@@ -326,6 +326,25 @@ def default_layer_map(n_model_layers: int, n_trace_layers: int) -> list[int]:
     return [layer * n_trace_layers // n_model_layers for layer in range(n_model_layers)]
 
 
+def concurrent_requests(stream: RoutingTrace, start: int, rows: int, prompt_tokens: int,
+                        decode_tokens: int) -> RoutingTrace:
+    """`rows` requests served as one batch, each a contiguous segment of `stream` (from token `start` on, one
+    after another, wrapping at its end) of `prompt_tokens` prompt and `decode_tokens` decode tokens, in the order
+    a batched `generate` consumes them: every row's prompt (row after row), then each decode step's rows. Each
+    request keeps its own segment's temporal order; a long prompt is a stretch of the stream across recorded
+    request boundaries (the stand-in's prompts are short)."""
+    if rows < 1 or prompt_tokens < 1 or decode_tokens < 0:
+        raise ValueError(f"rows {rows}, prompt_tokens {prompt_tokens}, decode_tokens {decode_tokens}: rows and "
+                         "prompt_tokens must be at least 1 and decode_tokens at least 0")
+    length = prompt_tokens + decode_tokens
+    segments = (start + np.arange(rows)[:, None] * length + np.arange(length)[None, :]) % stream.n_tokens
+    order = np.concatenate([segments[:, :prompt_tokens].reshape(-1), segments[:, prompt_tokens:].T.reshape(-1)])
+    trace = stream.select(order)
+    trace.phase = np.where(np.arange(len(order)) < rows * prompt_tokens, PREFILL, DECODE).astype(trace.phase.dtype)
+    trace.meta.update(rows=rows, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, start=start)
+    return trace
+
+
 class RoutingReplay:
     """The position in the replayed stream (tokens consumed so far) and the layer map in use."""
 

@@ -33,7 +33,13 @@ GRIDS = {
     "emulated": [{"tier": "throttled", "gbps": EMULATED, "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")}
                  for s in (0.25, 0.5)],
     "smoke": [{"tier": "host", "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
+    # long prompts beside decode (issue: where does disaggregated prefill pay?): CFMoE's routing, 25% cached, LRU
+    "long_prompts": [{"tier": "host", "share": 0.25, "policy": "lru", "mode": mode, "prompt_tokens": prompt,
+                      "concurrent": concurrent, "sources": ("cfmoe",)}
+                     for mode in ("unified", "disaggregated", "disaggregated_warm") for prompt in (64, 1024, 4096)
+                     for concurrent in (1, 4)],
 }
+SEPARATE = {"long_prompts"}  # grids kept out of measurements.csv (their own question): long_prompts_<table>.csv
 
 
 @user_errors("scripts/paper_scale.py")
@@ -69,14 +75,16 @@ def main(argv=None) -> None:
                                       dtype_name="float32" if args.tiny else "bfloat16", budget_s=args.budget_s,
                                       **shrink)
     folder = Path(args.out)
+    name = (lambda table: f"{args.grid}_{table}") if args.grid in SEPARATE else (lambda table: f"{table}_{args.grid}")
     extra = {"grid": args.grid, "repeats": args.repeats, "new_tokens": args.new_tokens, "requests": args.requests,
              "seconds": round(time.perf_counter() - started, 1), "sizes": vars(out["sizes"]),
              "layer_map": "stand-in MoE layer floor(l * 6 / 27) for paper MoE layer l (routing.default_layer_map)"}
-    save_table(out["measurements"], folder / f"measurements_{args.grid}", cfg, **extra)
-    save_table(out["resident"], folder / f"resident_{args.grid}", cfg, **extra)
-    save_table(out["meta"], folder / f"machine_{args.grid}", cfg, **extra)
-    print(json.dumps(extra["seconds"]), out["measurements"].groupby(["routing_source", "tier", "policy", "share"])
-          .tokens_per_s.median().to_string())
+    save_table(out["measurements"], folder / name("measurements"), cfg, **extra)
+    save_table(out["resident"], folder / name("resident"), cfg, **extra)
+    save_table(out["meta"], folder / name("machine"), cfg, **extra)
+    keys = ["routing_source", "tier", "policy", "share", "mode", "prompt_tokens", "concurrent"]
+    print(json.dumps(extra["seconds"]), out["measurements"].groupby(keys)[["tokens_per_s", "hit_rate", "ttft_s"]]
+          .median().to_string())
 
 
 def summarize(cfg, folder: Path) -> None:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cfmoe.routing import (DECODE, PREFILL, RoutingTrace, default_layer_map, read_trace, replay_routing,
-                           trace_forward, trace_generate)
+from cfmoe.routing import (DECODE, PREFILL, RoutingTrace, concurrent_requests, default_layer_map, read_trace,
+                           record_routing, replay_routing, trace_forward, trace_generate)
 from cfmoe.serving import OffloadEngine
 from tiny_models import ARCHITECTURES, tiny_moe, tiny_tokenizer
 
@@ -50,6 +50,28 @@ def test_replay_through_generate_and_the_engine(tmp_path):
         engine = OffloadEngine(model, tmp_path / "store.safetensors", 3, tier="page_cache")
         out, stats = engine.generate(ids, **kwargs)
     assert torch.equal(out, expected) and stats["decode_misses"] > 0
+
+
+def test_concurrent_requests_replay_each_rows_own_segment():
+    """A batch of long prompts replays each row's contiguous segment of the stream, in the order generate
+    consumes tokens; recording the replayed batch gives back every row's segment."""
+    lm = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2)
+    stream = random_trace(30, 2, 8, 2, seed=2)
+    rows, prompt, new = 2, 9, 4
+    trace = concurrent_requests(stream, 25, rows, prompt, new)  # wraps at the stream's end
+    with replay_routing(lm, trace), record_routing(lm) as recorder:
+        lm.generate(input_ids=torch.arange(3, 3 + rows * prompt).reshape(rows, prompt), max_new_tokens=new,
+                    do_sample=False, pad_token_id=0, eos_token_id=None)
+    calls = recorder.calls()
+    prefill = calls[0][0].reshape(rows, prompt, 2, 2)
+    decode = np.stack([e.reshape(rows, 2, 2) for e, _ in calls[1:]], axis=1)  # (rows, new - 1, layers, k)
+    for row in range(rows):
+        segment = stream.experts[(25 + row * (prompt + new) + np.arange(prompt + new)) % 30]
+        assert np.array_equal(prefill[row], segment[:prompt])
+        assert np.array_equal(decode[row], segment[prompt:prompt + new - 1])
+    assert (trace.phase == PREFILL).sum() == rows * prompt and (trace.phase == DECODE).sum() == rows * new
+    with pytest.raises(ValueError, match="rows 0, prompt_tokens 9"):
+        concurrent_requests(stream, 0, 0, 9, 4)
 
 
 def test_replay_refuses_a_short_or_mismatched_trace():

@@ -88,6 +88,18 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
     saved = serving_study.paper_scale_saved(m, resamples=20)
     assert {"memory_saved", "memory_saved_low", "memory_saved_high", "saved_mb"} <= set(saved.columns)
     assert set(saved.baseline) == {"lora_control"} and set(saved.share) <= {0.25, 0.5, 0.75}
+    # long prompts beside decode: batches of `concurrent` requests with prompts of `prompt_tokens`, per mode
+    long = [{"tier": "host", "share": 0.25, "policy": "lru", "mode": mode, "prompt_tokens": p, "concurrent": c,
+             "sources": ("cfmoe",)} for mode in ("unified", "disaggregated") for p in (4, 40) for c in (1, 2)]
+    lp = serving_study.paper_scale_measure(streams, long, repeats=1, new_tokens=4, requests=1, device="cpu",
+                                           store_path=tmp_path / "store.safetensors", dtype_name="float32",
+                                           **shrink)["measurements"]
+    assert len(lp) == 8 and set(lp["mode"]) == {"unified", "disaggregated"} and set(lp.concurrent) == {1, 2}
+    assert lp[lp.concurrent == 2].limit_tokens_per_s.isna().all() and lp[lp.concurrent == 1].limit_tokens_per_s.gt(0).all()
+    dis = lp[lp["mode"] == "disaggregated"].set_index(["concurrent", "prompt_tokens"]).prefill_misses
+    # a longer prompt extends the same segment: its prefill streams at least the shorter one's misses
+    assert (dis.xs(40, level=1) >= dis.xs(4, level=1)).all() and dis.xs(40, level=1).gt(dis.xs(4, level=1)).any()
+    assert (lp.ttft_s > 0).all() and (lp.decode_steps == 3).all()
     monkeypatch.setenv("CFMOE_RESULTS", str(tmp_path / "results"))
     cfg = load_config("smoke")
     folder = cfg.results_dir(serving_study.NOTEBOOK) / serving_study.PAPER_SCALE

@@ -597,7 +597,7 @@ def paper_scale_model(device, dtype=torch.bfloat16, **shrink):
               "num_hidden_layers": d["n_layers"], "num_attention_heads": d["heads"], "num_key_value_heads": d["heads"],
               "num_experts": d["n_routed"], "num_experts_per_tok": d["top_k"], "moe_intermediate_size": d["expert_width"],
               "shared_expert_intermediate_size": d["n_shared"] * d["expert_width"], "mlp_only_layers": [0],
-              "max_position_embeddings": 4096, "norm_topk_prob": False, **shrink}
+              "max_position_embeddings": 8192, "norm_topk_prob": False, **shrink}  # room for 4,096-token prompts
     torch.manual_seed(0)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(Qwen2MoeConfig(**fields), dtype=dtype).eval()
@@ -622,7 +622,9 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
     """Resident and offloaded decode tokens/s of the paper-scale model replaying each stream.
 
     `settings`: dicts with `tier` ("host" or "throttled"), `share`, `policy`, `sources` (stream names) and, for
-    the throttled tier, `gbps`. Every (setting, source, repeat) runs in one seeded random order; each run
+    the throttled tier, `gbps`; optionally `mode` (default disaggregated), and `prompt_tokens` with `concurrent`
+    (batches of that many requests with prompts of that length, instead of the recorded requests).
+    Every (setting, source, repeat) runs in one seeded random order; each run
     reconfigures the one engine (an empty cache of `share` of the routed experts), warms it with
     `warm_tokens` tokens of the stream's last request, then serves `requests` requests of `new_tokens` tokens,
     the cache carried over. Resident runs come first, per source, the same way. With `budget_s`, no engine run
@@ -636,13 +638,20 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
     kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     rng = np.random.default_rng(seed)
 
-    def serve(generate, stream):
+    def serve(generate, stream, setting=None):
+        """Warm-up, then `requests` requests: the recorded ones, or (a setting with `prompt_tokens`) batches of
+        `concurrent` requests with prompts of that length (`routing.concurrent_requests`)."""
         warm, ids, _ = _request_inputs(stream, len(stream.meta["requests"]) - 1, warm_tokens, seed)
         with routing.replay_routing(lm, warm):
             generate(ids, max_new_tokens=warm_tokens)
         seconds, steps, rows = 0.0, 0, []
         for request in range(requests):
-            trace, ids, n_new = _request_inputs(stream, request, new_tokens, seed)
+            if setting and setting.get("prompt_tokens"):
+                batch, prompt, n_new = setting.get("concurrent", 1), setting["prompt_tokens"], new_tokens
+                trace = routing.concurrent_requests(stream, request * batch * (prompt + n_new), batch, prompt, n_new)
+                ids = torch.randint(10, 1000, (batch, prompt), generator=torch.Generator().manual_seed(seed + request))
+            else:
+                trace, ids, n_new = _request_inputs(stream, request, new_tokens, seed)
             with routing.replay_routing(lm, trace):
                 s, n, stats = generate(ids, max_new_tokens=n_new)
             seconds, steps = seconds + s, steps + n
@@ -690,24 +699,30 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
         setting, source, repeat = runs_[index]
         tier, gbps = setting["tier"], setting.get("gbps")
         capacity = int(max(info.top_k, round(setting["share"] * n_routed)))
-        engine.reconfigure(capacity, setting["policy"], mode="disaggregated", tier=tier, bandwidth_gbps=gbps)
+        mode, batch = setting.get("mode", "disaggregated"), setting.get("concurrent", 1)
+        engine.reconfigure(capacity, setting["policy"], mode=mode, tier=tier, bandwidth_gbps=gbps)
 
         def engine_generate(ids, max_new_tokens):
             out, stats = engine.generate(ids.to(device), max_new_tokens=max_new_tokens, **kwargs)
             return stats["decode_s"], stats["new_tokens"] - 1, stats
 
-        seconds, steps, stats = serve(engine_generate, streams[source])
+        seconds, steps, stats = serve(engine_generate, streams[source], setting)
         frame = pd.DataFrame(stats)
-        misses = frame.decode_misses.sum() / steps
+        misses = frame.decode_misses.sum() / (steps * batch)
         load_s = 1 / (copy_gbps * 1e9) if tier == "host" else 1 / (gbps * 1e9)
-        floor = 1 / resident_tps[source]
+        floor = 1 / resident_tps[source]  # one request's resident decode step: the limit is for single requests
+        prompts = np.mean([p for p, _ in streams[source].meta["requests"][:requests]])
         rows.append({"routing_source": source, "tier": tier, "io_gbps": copy_gbps if tier == "host" else gbps,
                      "share": setting["share"], "capacity": capacity, "policy": setting["policy"],
-                     "mode": "disaggregated", "prefetch": False, "repeat": repeat, "tokens_per_s": steps / seconds,
+                     "mode": mode, "prefetch": False, "repeat": repeat,
+                     "prompt_tokens": setting.get("prompt_tokens") or prompts, "concurrent": batch,
+                     "tokens_per_s": steps * batch / seconds, "ttft_s": frame.ttft_s.mean(),
+                     "prefill_misses": frame.prefill_misses.sum() / requests,
                      "resident_tokens_per_s": resident_tps[source],
                      "hit_rate": frame.decode_hits.sum() / (frame.decode_hits.sum() + frame.decode_misses.sum()),
                      "misses_per_token": misses,
-                     "limit_tokens_per_s": 1 / (floor + misses * engine.expert_bytes * load_s),
+                     "limit_tokens_per_s": 1 / (floor + misses * engine.expert_bytes * load_s) if batch == 1
+                     else float("nan"),
                      "load_share": frame.decode_load_seconds.sum() / frame.decode_s.sum(),
                      "load_gbps": frame.decode_bytes_read.sum() / max(frame.decode_load_seconds.sum(), 1e-12) / 1e9,
                      "expert_mb": engine.expert_bytes / 1e6,
