@@ -27,6 +27,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from numba import njit
 
 from .cache import SCOPES, aged_score
 from .moe import MoELayerInfo, describe, unwrap
@@ -67,41 +68,45 @@ class OnlineCache:
 
     def access(self, layer: int, experts: np.ndarray) -> None:
         """One token's experts at `layer` for every row, (rows, k), accessed in slot order."""
-        all_rows = np.arange(self.rows)
-        for slot in range(experts.shape[1]):
-            keys = layer * self.n_experts + np.asarray(experts[:, slot], np.int64)
-            hit = self.last[all_rows, keys] >= 0
-            self.hits += hit
-            self.misses += ~hit
-            miss_rows = np.flatnonzero(~hit)
-            if miss_rows.size:
-                self._evict(miss_rows, layer)
-            score = self.score[all_rows, keys]
-            if self.policy == "lru":
-                score = np.full(self.rows, float(self.clock))
-            elif self.policy == "lfu":
-                score = np.where(hit, score + 1, 1.0)
-            else:
-                inserted = self.clock / self.halflife
-                score = np.array([aged_score(s, self.clock, self.halflife) if h else inserted
-                                  for s, h in zip(score, hit)])
-            self.score[all_rows, keys] = score
-            self.last[all_rows, keys] = self.clock
-            self.clock += 1
-
-    def _evict(self, rows: np.ndarray, layer: int) -> None:
+        keys = layer * self.n_experts + np.asarray(experts, np.int64).reshape(self.rows, -1)
         lo, hi = ((layer * self.n_experts, (layer + 1) * self.n_experts) if self.scope == "per_layer"
                   else (0, self.last.shape[1]))
-        last = self.last[rows, lo:hi]
-        held = last >= 0
-        full = held.sum(axis=1) >= self.capacity
-        if not full.any():
-            return
-        rows, last, held = rows[full], last[full], held[full]
-        score = np.where(held, self.score[rows, lo:hi], np.inf)
-        lowest = score == score.min(axis=1, keepdims=True)
-        victims = lo + np.where(lowest & held, last, np.iinfo(np.int64).max).argmin(axis=1)
-        self.last[rows, victims] = -1
+        self.clock = _access(self.last, self.score, self.hits, self.misses, keys, self.clock, self.capacity, lo, hi,
+                             POLICIES.index(self.policy), self.halflife or 1)
+
+
+@njit(cache=True)
+def _access(last, score, hits, misses, keys, clock, capacity, lo, hi, policy, halflife):
+    """`OnlineCache.access`, compiled: for each slot, every row's key; a miss in a full pool [lo, hi) evicts the
+    held entry of lowest score, ties least recently used. policy: 0 lru, 1 lfu, 2 lfu_aging. Returns the clock."""
+    rows, k = keys.shape
+    for slot in range(k):
+        for row in range(rows):
+            key = keys[row, slot]
+            hit = last[row, key] >= 0
+            if hit:
+                hits[row] += 1
+            else:
+                misses[row] += 1
+                held, victim, low, oldest = 0, -1, np.inf, np.iinfo(np.int64).max
+                for entry in range(lo, hi):
+                    used = last[row, entry]
+                    if used >= 0:
+                        held += 1
+                        value = score[row, entry]
+                        if value < low or (value == low and used < oldest):
+                            victim, low, oldest = entry, value, used
+                if held >= capacity:
+                    last[row, victim] = -1
+            if policy == 0:
+                score[row, key] = float(clock)
+            elif policy == 1:
+                score[row, key] = score[row, key] + 1.0 if hit else 1.0
+            else:
+                score[row, key] = aged_score(score[row, key], clock, halflife) if hit else clock / halflife
+            last[row, key] = clock
+        clock += 1
+    return clock
 
 
 class EngineCache:
