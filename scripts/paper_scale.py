@@ -93,6 +93,12 @@ def summarize(cfg, folder: Path) -> None:
     from cfmoe.present import plots
     from cfmoe.provenance import save_figure
 
+    long_prompts = folder / "long_prompts_measurements.csv"
+    if long_prompts.is_file():  # its own question: where disaggregated prefill pays
+        import pandas as pd
+
+        save_table(serving.long_prompt_summary(pd.read_csv(long_prompts)), folder / "long_prompts_summary", cfg,
+                   note="medians and IQR over repeats; *_vs_unified: against unified prefill, same prompt and batch")
     results = serving.paper_scale_results(cfg)
     if results is None:
         raise ValueError(f"no measurements_*.csv in {folder}: run `python scripts/paper_scale.py measure` on a GPU")

@@ -100,6 +100,13 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
     # a longer prompt extends the same segment: its prefill streams at least the shorter one's misses
     assert (dis.xs(40, level=1) >= dis.xs(4, level=1)).all() and dis.xs(40, level=1).gt(dis.xs(4, level=1)).any()
     assert (lp.ttft_s > 0).all() and (lp.decode_steps == 3).all()
+    lps = serving_study.long_prompt_summary(lp)
+    assert len(lps) == 8 and {"tokens_per_s_q25", "ttft_s_q75", "tokens_per_s_vs_unified"} <= set(lps.columns)
+    assert (lps[lps["mode"] == "unified"].tokens_per_s_vs_unified == 0).all()
+    assert (lps[lps["mode"] == "unified"].hit_rate_vs_unified == 0).all()
+    dis_rows = lps[lps["mode"] == "disaggregated"].set_index(["prompt_tokens", "concurrent"])
+    uni_rows = lps[lps["mode"] == "unified"].set_index(["prompt_tokens", "concurrent"])
+    assert np.allclose(dis_rows.hit_rate_vs_unified, dis_rows.hit_rate - uni_rows.hit_rate.reindex(dis_rows.index))
     monkeypatch.setenv("CFMOE_RESULTS", str(tmp_path / "results"))
     cfg = load_config("smoke")
     folder = cfg.results_dir(serving_study.NOTEBOOK) / serving_study.PAPER_SCALE

@@ -748,6 +748,22 @@ def paper_scale_saved(measured: pd.DataFrame, baseline: str = "lora_control", ca
                         seed=seed)
 
 
+LONG_PROMPT_KEYS = ["routing_source", "tier", "policy", "share", "prompt_tokens", "concurrent", "mode"]
+
+
+def long_prompt_summary(measured: pd.DataFrame) -> pd.DataFrame:
+    """The long-prompt grid per setting: decode tokens/s and TTFT (median, IQR over repeats), decode hit rate, and
+    each mode's median decode tokens/s and hit rate against unified prefill's at the same prompt length and
+    concurrency (`*_vs_unified`: ratio of medians minus 1, and the hit-rate difference)."""
+    summary = summarize_repeats(measured, keys=LONG_PROMPT_KEYS, timed=("tokens_per_s", "ttft_s")).sort_values(
+        LONG_PROMPT_KEYS, ignore_index=True)
+    unified = summary[summary["mode"] == "unified"].set_index(LONG_PROMPT_KEYS[:-1])
+    at = summary.set_index(LONG_PROMPT_KEYS[:-1]).index
+    summary["tokens_per_s_vs_unified"] = summary.tokens_per_s.to_numpy() / unified.tokens_per_s.reindex(at).to_numpy() - 1
+    summary["hit_rate_vs_unified"] = summary.hit_rate.to_numpy() - unified.hit_rate.reindex(at).to_numpy()
+    return summary
+
+
 def paper_scale_results(cfg: StudyConfig) -> dict | None:
     """The committed paper-scale measurements (results/05_serving/paper_scale/, from scripts/paper_scale.py on
     a GPU), memory saved with intervals and the goals' verdicts; None when they have not been measured."""
