@@ -82,9 +82,8 @@ def main(argv=None) -> None:
     save_table(out["measurements"], folder / name("measurements"), cfg, **extra)
     save_table(out["resident"], folder / name("resident"), cfg, **extra)
     save_table(out["meta"], folder / name("machine"), cfg, **extra)
-    keys = ["routing_source", "tier", "policy", "share", "mode", "prompt_tokens", "concurrent"]
-    print(json.dumps(extra["seconds"]), out["measurements"].groupby(keys)[["tokens_per_s", "hit_rate", "ttft_s"]]
-          .median().to_string())
+    print(json.dumps(extra["seconds"]), out["measurements"].groupby(serving.LONG_PROMPT_KEYS)[
+        ["tokens_per_s", "hit_rate", "ttft_s"]].median().to_string())
 
 
 def summarize(cfg, folder: Path) -> None:

@@ -310,8 +310,7 @@ class OffloadEngine:
 
         A group is yielded before any of the next group's loads, which may evict its experts: the caller
         computes each group's share of the output before asking for the next."""
-        phase = self.phase
-        stream = phase == "prefill" and self.mode != "unified"
+        phase, stream = self.phase, self._streaming()
         current, pinned = {}, set()
         for expert in experts:
             key = (layer, expert)
@@ -335,6 +334,10 @@ class OffloadEngine:
             current[expert] = slot
             pinned.add(key)
         yield current
+
+    def _streaming(self) -> bool:
+        """Whether this call's misses stream through the staging slots (a prefill outside the decode cache)."""
+        return self.phase == "prefill" and self.mode != "unified"
 
     def _seed(self, layer: int, indices: torch.Tensor) -> None:
         """Warm the decode cache with this layer's experts most used by the prompt's last tokens."""
@@ -405,7 +408,7 @@ class OffloadEngine:
             flat = top_k_index.reshape(-1).tolist()
             needed = list(dict.fromkeys(flat))  # first-occurrence order: a token's experts in router order
             self._staged = {}
-            stream = self.phase == "prefill" and self.mode != "unified"
+            stream = self._streaming()
             single = stream or len(needed) <= self.cache.capacity
             out = None
             for group in self._place(layer, needed):

@@ -610,8 +610,18 @@ def _request_inputs(stream: routing.RoutingTrace, request: int, new_tokens: int,
     prompt, decode = sizes[request]
     n_new = min(new_tokens, decode)  # generate runs n_new - 1 decode forwards after the prefill
     trace = stream.select(slice(start, start + prompt + decode))
-    ids = torch.randint(10, 1000, (1, prompt), generator=torch.Generator().manual_seed(seed + request))
-    return trace, ids, n_new
+    return trace, _prompt_ids(1, prompt, seed + request), n_new
+
+
+def _batch_inputs(stream: routing.RoutingTrace, request: int, batch: int, prompt: int, new_tokens: int, seed: int):
+    """(replayable trace of `batch` concurrent requests with `prompt`-token prompts, their random prompt ids,
+    tokens to generate): request `request`'s batch takes the stream's next stretch (`routing.concurrent_requests`)."""
+    trace = routing.concurrent_requests(stream, request * batch * (prompt + new_tokens), batch, prompt, new_tokens)
+    return trace, _prompt_ids(batch, prompt, seed + request), new_tokens
+
+
+def _prompt_ids(rows: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(10, 1000, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -647,9 +657,8 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
         seconds, steps, rows = 0.0, 0, []
         for request in range(requests):
             if setting and setting.get("prompt_tokens"):
-                batch, prompt, n_new = setting.get("concurrent", 1), setting["prompt_tokens"], new_tokens
-                trace = routing.concurrent_requests(stream, request * batch * (prompt + n_new), batch, prompt, n_new)
-                ids = torch.randint(10, 1000, (batch, prompt), generator=torch.Generator().manual_seed(seed + request))
+                trace, ids, n_new = _batch_inputs(stream, request, setting.get("concurrent", 1),
+                                                  setting["prompt_tokens"], new_tokens, seed)
             else:
                 trace, ids, n_new = _request_inputs(stream, request, new_tokens, seed)
             with routing.replay_routing(lm, trace):
