@@ -48,6 +48,9 @@ def test_greedy_generation_is_token_identical_across_budgets_and_modes(arch, tmp
         held = sum(p.numel() * p.element_size() for p in model.parameters())
         assert held == info.total_bytes - info.routed_expert_bytes + engine.pool_bytes
         assert engine.n_slots == capacity + (0 if mode == "unified" else 8)
+        # every tensor the engine keeps on the device besides the pool is bookkeeping the CUDA budget counts
+        kept = {id(t) for t in vars(engine).values() if isinstance(t, torch.Tensor)}
+        assert kept == {id(t) for t in engine.bookkeeping} and engine.bookkeeping
         assert stats["new_tokens"] == 12 and stats["decode_misses"] >= 0
         assert (stats["prefetched"] > 0) == prefetch and stats["prefetch_used"] <= stats["prefetched"]
 

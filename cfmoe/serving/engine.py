@@ -284,6 +284,12 @@ class OffloadEngine:
             raise ValueError(f"expert store {store.path} was written from another model: rewrite it with write=True")
 
     @property
+    def bookkeeping(self) -> tuple[torch.Tensor, ...]:
+        """The engine's own tensors on the model's device besides the slot pool (the pool is the experts'
+        parameters): what a fast-tier budget must count next to the resident weights."""
+        return (self.slot_table,)
+
+    @property
     def pool_bytes(self) -> int:
         """Fast-tier bytes of expert weights: every slot, cache and staging (preallocated once)."""
         return sum(p.numel() * p.element_size() for p in self.pool.values())
