@@ -36,26 +36,31 @@ POLICIES = ("lru", "lfu", "lfu_aging")
 
 
 class OnlineCache:
-    """`rows` independent demand caches of (layer, expert) keys, updated one access group at a time.
+    """`rows` independent demand caches of (layer, expert) keys, updated one access group at a time. `capacity` is
+    one size for every row, or one per row (several settings decoded as one batch).
 
     Victims exactly as `cache.simulate_cache` picks them (tested): `lru` the least recently used; `lfu` the
     fewest accesses since insertion; `lfu_aging` the lowest count decayed with `halflife`; ties to the least
     recently used. Positions count every access of a row, all layers together."""
 
-    def __init__(self, rows: int, n_layers: int, n_experts: int, capacity: int, policy: str = "lru",
+    def __init__(self, rows: int, n_layers: int, n_experts: int, capacity: "int | np.ndarray", policy: str = "lru",
                  scope: str = "global", halflife: int | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
         pool = n_experts if scope == "per_layer" else n_layers * n_experts
-        if not 1 <= capacity <= pool:
+        sizes = np.asarray(capacity)
+        if sizes.ndim > 1 or (sizes.ndim == 1 and len(sizes) != rows):
+            raise ValueError(f"capacity must be one size or one per row ({rows}), got shape {sizes.shape}")
+        if not np.issubdtype(sizes.dtype, np.integer) or not ((1 <= sizes) & (sizes <= pool)).all():
             raise ValueError(f"capacity must be in 1..{pool} ({scope} pool of {n_layers} x {n_experts} experts), "
                              f"got {capacity}")
         if policy == "lfu_aging" and not (isinstance(halflife, (int, np.integer)) and halflife > 0):
             raise ValueError(f"lfu_aging needs a positive integer halflife (in accesses), got {halflife!r}")
         self.rows, self.n_layers, self.n_experts = rows, n_layers, n_experts
-        self.capacity, self.policy, self.scope, self.halflife = capacity, policy, scope, halflife
+        self.capacity = np.broadcast_to(sizes.astype(np.int64), (rows,)).copy()  # entries per row
+        self.policy, self.scope, self.halflife = policy, scope, halflife
         self.last = np.full((rows, n_layers * n_experts), -1, np.int64)  # position of the last use; -1: not cached
         self.score = np.zeros((rows, n_layers * n_experts), np.float64)  # the policy's priority, lowest evicted
         self.clock = 0  # accesses so far, per row (rows advance in lockstep)
@@ -77,8 +82,8 @@ class OnlineCache:
 
 @njit(cache=True)
 def _access(last, score, hits, misses, keys, clock, capacity, lo, hi, policy, halflife):
-    """`OnlineCache.access`, compiled: for each slot, every row's key; a miss in a full pool [lo, hi) evicts the
-    held entry of lowest score, ties least recently used. policy: 0 lru, 1 lfu, 2 lfu_aging. Returns the clock."""
+    """`OnlineCache.access`, compiled: for each slot, every row's key; a miss in a full pool [lo, hi) (`capacity`
+    entries for each row) evicts the held entry of lowest score, ties least recently used. policy: 0 lru, 1 lfu, 2 lfu_aging. Returns the clock."""
     rows, k = keys.shape
     for slot in range(k):
         for row in range(rows):
@@ -96,7 +101,7 @@ def _access(last, score, hits, misses, keys, clock, capacity, lo, hi, policy, ha
                         value = score[row, entry]
                         if value < low or (value == low and used < oldest):
                             victim, low, oldest = entry, value, used
-                if held >= capacity:
+                if held >= capacity[row]:
                     last[row, victim] = -1
             if policy == 0:
                 score[row, key] = float(clock)
@@ -163,7 +168,8 @@ def router_spread(model: torch.nn.Module, input_ids: torch.Tensor) -> list[float
     return spreads
 
 
-def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: float, decode_only: bool, output):
+def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: np.ndarray, decode_only: bool, output):
+    """The router's output with each row's cached experts' keys raised by its `bonus` (one per cache row)."""
     logits, weights, indices = output
     rows, k = indices.shape
     if decode_only and rows > cache.rows:  # a prefill call, served outside the decode cache (disaggregated)
@@ -175,10 +181,11 @@ def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: f
     key = key.reshape(cache.rows, steps, -1)
     original = indices.reshape(cache.rows, steps, k)
     chosen = original.clone()
+    raise_by = torch.as_tensor(bonus, dtype=key.dtype, device=key.device)[:, None] if bonus.any() else None
     for step in range(steps):
-        if bonus:
+        if raise_by is not None:
             cached = torch.from_numpy(cache.cached(index)).to(key.device)
-            biased = _group_limited(layer.router, key[:, step] + bonus * cached)
+            biased = _group_limited(layer.router, key[:, step] + raise_by * cached)
             pick = biased.topk(k, dim=-1).indices
             same = (pick.sort(-1).values == original[:, step].sort(-1).values).all(-1, keepdim=True)
             chosen[:, step] = torch.where(same, original[:, step], pick)
@@ -197,15 +204,20 @@ def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: f
 
 
 @contextlib.contextmanager
-def cache_prior(model: torch.nn.Module, cache: "OnlineCache | EngineCache", lam: float,
+def cache_prior(model: torch.nn.Module, cache: "OnlineCache | EngineCache", lam: "float | np.ndarray",
                 delta: list[float] | None = None, decode_only: bool = False) -> Iterator["OnlineCache | EngineCache"]:
     """Route every MoE layer with `cache` in the loop and a bonus λ·Δ_l on its cached experts (module docstring).
+    `lam` is one λ, or one per cache row (several settings decoded as one batch, each row its own λ).
     Every routed token updates an `OnlineCache` (an `EngineCache` is updated by the engine itself). With
     `decode_only`, calls of more than one token per row (prefill) route as the model does and leave the cache
     alone: disaggregated prefill. The hooks are removed on exit, also on an exception."""
     info = describe(model)
-    if not lam >= 0:
+    lams = np.asarray(lam, np.float64)
+    if lams.ndim > 1 or (lams.ndim == 1 and len(lams) != cache.rows):
+        raise ValueError(f"lam must be one value or one per cache row ({cache.rows}), got shape {lams.shape}")
+    if not (lams >= 0).all():
         raise ValueError(f"lam must be >= 0, got {lam}")
+    lams = np.broadcast_to(lams, (cache.rows,))
     if (cache.n_layers, cache.n_experts) != (len(info.layers), info.n_experts):
         raise ValueError(f"the cache has {cache.n_layers} layers x {cache.n_experts} experts; the model has "
                          f"{len(info.layers)} MoE layers x {info.n_experts} experts")
@@ -213,7 +225,7 @@ def cache_prior(model: torch.nn.Module, cache: "OnlineCache | EngineCache", lam:
     if len(delta) != len(info.layers):
         raise ValueError(f"delta needs one value per MoE layer ({len(info.layers)}), got {len(delta)}")
     handles = [layer.router.register_forward_hook(
-        lambda module, args, output, layer=layer, i=i: _biased_choice(layer, i, cache, lam * delta[i], decode_only,
+        lambda module, args, output, layer=layer, i=i: _biased_choice(layer, i, cache, lams * delta[i], decode_only,
                                                                       output))
         for i, layer in enumerate(info.layers)]
     try:

@@ -73,6 +73,13 @@ def test_bad_settings_name_the_value():
     with pytest.raises(ValueError, match="lam must be >= 0, got -1"):
         with cache_prior(lm, OnlineCache(1, 2, 8, 4), -1.0):
             pass
+    with pytest.raises(ValueError, match=r"capacity must be one size or one per row \(2\), got shape \(3,\)"):
+        OnlineCache(2, 2, 8, np.array([4, 4, 4]))
+    with pytest.raises(ValueError, match="capacity must be in 1..16"):
+        OnlineCache(2, 2, 8, np.array([4, 0]))
+    with pytest.raises(ValueError, match=r"lam must be one value or one per cache row \(1\), got shape \(2,\)"):
+        with cache_prior(lm, OnlineCache(1, 2, 8, 4), np.array([1.0, 2.0])):
+            pass
     with pytest.raises(ValueError, match="the cache has 3 layers"):
         with cache_prior(lm, OnlineCache(1, 3, 8, 4), 1.0):
             pass
@@ -90,6 +97,29 @@ def test_replayed_misses_equal_the_online_cache_without_the_prior():
         online = beyond_cfmoe.decode(lm, IDS, row["cache_share"], row["policy"], 0.0, None)
         assert online["misses_per_token"] == row["decode_misses_per_token"]
         assert online["ppl"] == point["ppl"]
+
+
+def test_points_decoded_side_by_side_equal_their_own_passes(monkeypatch):
+    """Several (ids, share, λ) points in one batch, each row its own cache and bonus: each point's misses and
+    routing are exactly its own pass's, its perplexity equal up to a larger batch's rounding; batches split at
+    MAX_BATCH_ROWS."""
+    from cfmoe.stages import beyond_cfmoe
+
+    lm = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2)
+    delta = router_spread(lm, IDS)
+    other = torch.randint(3, 100, (2, IDS.shape[1]), generator=torch.Generator().manual_seed(1))
+    points = [(IDS, 0.25, 0.0), (other, 0.5, 1.0), (IDS, 0.25, 2.0), (IDS, 0.5, 1.0)]
+    alone = [beyond_cfmoe.decode(lm, ids, share, "lru", lam, delta) for ids, share, lam in points]
+    assert len({round(a["misses_per_token"], 9) for a in alone}) > 1  # the points differ
+    for limit in (4096, 5):  # one batch; then batches of at most 5 rows (3 + 2, 3, 3)
+        monkeypatch.setattr(beyond_cfmoe, "MAX_BATCH_ROWS", limit)
+        together = beyond_cfmoe.decode_points(lm, points, "lru", delta)
+        for one, other_ in zip(alone, together):
+            assert one["misses_per_token"] == other_["misses_per_token"]
+            assert np.array_equal(one["experts"], other_["experts"])
+            assert one["ppl"] == pytest.approx(other_["ppl"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"one window length, got \[24, 5\]"):
+        beyond_cfmoe.decode_points(lm, [(IDS, 0.25, 0.0), (IDS[:, :5], 0.25, 0.0)], "lru", delta)
 
 
 def test_lambda_choice_and_changes_against_the_control():
@@ -178,7 +208,7 @@ def reference_access(cache_, layer, experts):
         cache_.misses += ~hit
         for row in np.flatnonzero(~hit):
             held = cache_.last[row, lo:hi] >= 0
-            if held.sum() >= cache_.capacity:
+            if held.sum() >= cache_.capacity[row]:
                 score = np.where(held, cache_.score[row, lo:hi], np.inf)
                 lowest = (score == score.min()) & held
                 cache_.last[row, lo + np.where(lowest, cache_.last[row, lo:hi], np.iinfo(np.int64).max).argmin()] = -1
@@ -199,8 +229,8 @@ def reference_access(cache_, layer, experts):
                                            ("lru", "per_layer"), ("lfu_aging", "per_layer")])
 def test_compiled_online_cache_equals_the_slow_reference(policy, scope):
     rng = np.random.default_rng(1)
-    fast, slow = (OnlineCache(5, 3, 16, 6 if scope == "per_layer" else 12, policy, scope, halflife=7)
-                  for _ in range(2))
+    sizes = np.array([6, 4, 9, 6, 2]) if scope == "per_layer" else np.array([12, 5, 20, 12, 8])  # one per row
+    fast, slow = (OnlineCache(5, 3, 16, sizes, policy, scope, halflife=7) for _ in range(2))
     for t in range(60):
         for layer in range(3):
             # skewed choices (a few hot experts) so that hits, ties and evictions all occur

@@ -63,16 +63,43 @@ DECODE_IMPLEMENTATION = {"cuda": "batched_mm"}
 
 def decode(lm, ids: torch.Tensor, share: float, policy: str, lam: float, delta) -> dict:
     """One teacher-forced token-by-token pass with the cache in the loop: perplexity, misses, the routing."""
+    return decode_points(lm, [(ids, share, lam)], policy, delta)[0]
+
+
+MAX_BATCH_ROWS = 4096  # rows of one batched pass (several points side by side); more are split into passes
+
+
+def decode_points(lm, points: list[tuple[torch.Tensor, float, float]], policy: str, delta) -> list[dict]:
+    """`decode` for several points (ids, share, λ) of one model and policy, side by side in one batch of at most
+    `MAX_BATCH_ROWS` rows: each point's rows get their own caches of its share and its λ. The rows of a batch do
+    not interact (each row is a request with its own cache), so each point's misses and routing are those of its
+    own pass; its perplexity equals up to the float rounding of a larger batch (tested)."""
     info = moe.describe(lm)
     n_layers, n_experts = len(info.layers), info.n_experts
-    online = OnlineCache(ids.shape[0], n_layers, n_experts, capacity(share, n_layers, n_experts), policy,
-                         halflife=cache.aging_halflife(n_layers, info.top_k))
-    with cache_prior(lm, online, lam, delta), record_routing(lm) as recorder, \
-            moe.experts_implementation(lm, DECODE_IMPLEMENTATION.get(moe.unwrap(lm).device.type)):
-        nll, misses = decode_teacher_forced(lm, ids, online)
-    experts = np.concatenate([e for e, _ in recorder.calls()]).reshape(ids.shape[1], ids.shape[0], n_layers, -1)
-    return {"ppl": float(np.exp(nll.sum() / (ids.shape[0] * (ids.shape[1] - 1)))),
-            "misses_per_token": float(misses.sum() / ids.numel()), "experts": experts.transpose(1, 0, 2, 3)}
+    if len({x.shape[1] for x, _, _ in points}) != 1:
+        raise ValueError(f"points decoded together need one window length, got {[x.shape[1] for x, _, _ in points]}")
+    results, batch = [], []
+    for n, point in enumerate(points):
+        batch.append(point)
+        if n + 1 < len(points) and sum(len(x) for x, _, _ in batch) + len(points[n + 1][0]) <= MAX_BATCH_ROWS:
+            continue
+        ids = torch.cat([x for x, _, _ in batch])
+        sizes = [len(x) for x, _, _ in batch]
+        online = OnlineCache(ids.shape[0], n_layers, n_experts,
+                             np.repeat([capacity(share, n_layers, n_experts) for _, share, _ in batch], sizes), policy,
+                             halflife=cache.aging_halflife(n_layers, info.top_k))
+        with cache_prior(lm, online, np.repeat([lam for _, _, lam in batch], sizes), delta), \
+                record_routing(lm) as recorder, \
+                moe.experts_implementation(lm, DECODE_IMPLEMENTATION.get(moe.unwrap(lm).device.type)):
+            nll, misses = decode_teacher_forced(lm, ids, online)
+        experts = np.concatenate([e for e, _ in recorder.calls()]).reshape(ids.shape[1], ids.shape[0], n_layers, -1)
+        experts = experts.transpose(1, 0, 2, 3)
+        for rows in np.split(np.arange(ids.shape[0]), np.cumsum(sizes)[:-1]):
+            results.append({"ppl": float(np.exp(nll[rows].sum() / (len(rows) * (ids.shape[1] - 1)))),
+                            "misses_per_token": float(misses[rows].sum() / (len(rows) * ids.shape[1])),
+                            "experts": experts[rows]})
+        batch = []
+    return results
 
 
 def capacity(share: float, n_layers: int, n_experts: int) -> int:
@@ -144,9 +171,9 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
         # Δ of each model the prior runs on, once per seed
         deltas[seed] = {STACKS[alone][0]: router_spread(tuned[STACKS[alone][0]], ids["validation"][:8])
                         for alone in PRIORS.values()}
-        for method in ("control", "remoe", "cfmoe"):  # alone: one pass per split, replayed through every cache
+        for method in ("control", "remoe", "cfmoe"):  # alone: both splits in one pass, replayed through every cache
             lm = tuned[STACKS[method][0]]
-            passes = {split: decode(lm, x, *SWEEP, 0.0, None) for split, x in ids.items()}
+            passes = dict(zip(ids, decode_points(lm, [(x, SWEEP[0], 0.0) for x in ids.values()], SWEEP[1], None)))
             for row in replayed_misses(passes["test"]["experts"], info.n_experts, info.top_k):
                 rows.append({"method": method, "seed": seed, "lam": 0.0, **row,
                              "val_ppl": passes["validation"]["ppl"], "test_ppl": passes["test"]["ppl"]})
@@ -155,10 +182,10 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
             sweep_rows += [start] + [{**start, "method": prior} for prior, alone in PRIORS.items() if alone == method]
         for method, alone in PRIORS.items():
             run = STACKS[alone][0]
-            for lam in LAMBDAS:
-                point = decode(tuned[run], ids["validation"], *SWEEP, lam, deltas[seed][run])
-                sweep_rows.append({"method": method, "seed": seed, "lam": lam, "val_ppl": point["ppl"],
-                                   "val_misses_per_token": point["misses_per_token"]})
+            points = decode_points(tuned[run], [(ids["validation"], SWEEP[0], lam) for lam in LAMBDAS], SWEEP[1],
+                                   deltas[seed][run])
+            sweep_rows += [{"method": method, "seed": seed, "lam": lam, "val_ppl": point["ppl"],
+                            "val_misses_per_token": point["misses_per_token"]} for lam, point in zip(LAMBDAS, points)]
         del models, train
     sweep = pd.DataFrame(sweep_rows)
     alone = pd.DataFrame(rows)
@@ -168,9 +195,9 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
         for method, alone in PRIORS.items():
             run = STACKS[alone][0]
             lm, delta = by_seed[seed][run], deltas[seed][run]
-            for share in SHARES:
-                val = decode(lm, ids["validation"], share, "lru", chosen[method], delta)
-                test = decode(lm, ids["test"], share, "lru", chosen[method], delta)
+            points = decode_points(lm, [(ids[split], share, chosen[method]) for share in SHARES
+                                        for split in ("validation", "test")], "lru", delta)
+            for share, val, test in zip(SHARES, points[::2], points[1::2]):
                 point = {"method": method, "seed": seed, "lam": chosen[method], "cache_share": share,
                          "val_ppl": val["ppl"], "test_ppl": test["ppl"]}
                 rows.append({**point, "policy": "lru", "decode_misses_per_token": test["misses_per_token"]})
