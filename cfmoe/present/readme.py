@@ -93,9 +93,9 @@ def times_block(root: Path) -> list[str]:
              f"CPU cores in its last run (minutes per notebook: {stages}; `results/chain/cpu.csv`)."]
     base = _read(root, "00_base_model", "cpu", "base_model")
     if base is not None:
-        lines.append(f"On a fresh clone notebook 00 also pre-trains the model: {base.train_seconds / 60:.0f} min "
-                     f"more in the committed run ({int(base.train_steps)} steps, "
-                     f"{base.train_tokens_per_second:,.0f} tokens/s).")
+        lines.append(f"Of notebook 00's time, pre-training the base model took {base.train_seconds / 60:.0f} min "
+                     f"({int(base.train_steps)} steps, {base.train_tokens_per_second:,.0f} tokens/s); a re-run whose "
+                     "base model is already built skips it.")
     return lines
 
 
