@@ -83,7 +83,8 @@ class OnlineCache:
 @njit(cache=True)
 def _access(last, score, hits, misses, keys, clock, capacity, lo, hi, policy, halflife):
     """`OnlineCache.access`, compiled: for each slot, every row's key; a miss in a full pool [lo, hi) (`capacity`
-    entries for each row) evicts the held entry of lowest score, ties least recently used. policy: 0 lru, 1 lfu, 2 lfu_aging. Returns the clock."""
+    entries for each row) evicts the held entry of lowest score, ties least recently used. policy: 0 lru, 1 lfu,
+    2 lfu_aging. Returns the clock."""
     rows, k = keys.shape
     for slot in range(k):
         for row in range(rows):
