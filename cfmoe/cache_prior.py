@@ -169,8 +169,10 @@ def router_spread(model: torch.nn.Module, input_ids: torch.Tensor) -> list[float
     return spreads
 
 
-def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: np.ndarray, decode_only: bool, output):
-    """The router's output with each row's cached experts' keys raised by its `bonus` (one per cache row)."""
+def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: "torch.Tensor | None",
+                   decode_only: bool, output):
+    """The router's output with each row's cached experts' keys raised by its `bonus` ((rows, 1) float32 on the
+    router's device, one per cache row; None: no bonus)."""
     logits, weights, indices = output
     rows, k = indices.shape
     if decode_only and rows > cache.rows:  # a prefill call, served outside the decode cache (disaggregated)
@@ -182,11 +184,10 @@ def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: n
     key = key.reshape(cache.rows, steps, -1)
     original = indices.reshape(cache.rows, steps, k)
     chosen = original.clone()
-    raise_by = torch.as_tensor(bonus, dtype=key.dtype, device=key.device)[:, None] if bonus.any() else None
     for step in range(steps):
-        if raise_by is not None:
+        if bonus is not None:
             cached = torch.from_numpy(cache.cached(index)).to(key.device)
-            biased = _group_limited(layer.router, key[:, step] + raise_by * cached)
+            biased = _group_limited(layer.router, key[:, step] + bonus * cached)
             pick = biased.topk(k, dim=-1).indices
             same = (pick.sort(-1).values == original[:, step].sort(-1).values).all(-1, keepdim=True)
             chosen[:, step] = torch.where(same, original[:, step], pick)
@@ -218,15 +219,18 @@ def cache_prior(model: torch.nn.Module, cache: "OnlineCache | EngineCache", lam:
         raise ValueError(f"lam must be one value or one per cache row ({cache.rows}), got shape {lams.shape}")
     if not (lams >= 0).all():
         raise ValueError(f"lam must be >= 0, got {lam}")
-    lams = np.broadcast_to(lams, (cache.rows,))
     if (cache.n_layers, cache.n_experts) != (len(info.layers), info.n_experts):
         raise ValueError(f"the cache has {cache.n_layers} layers x {cache.n_experts} experts; the model has "
                          f"{len(info.layers)} MoE layers x {info.n_experts} experts")
     delta = [1.0] * len(info.layers) if delta is None else list(delta)
     if len(delta) != len(info.layers):
         raise ValueError(f"delta needs one value per MoE layer ({len(info.layers)}), got {len(delta)}")
+    # each layer's per-row bonus λ·Δ_l, made once on the routers' device (float32, as the selection key)
+    device = unwrap(model).device
+    bonuses = [torch.as_tensor(np.broadcast_to(lams * d, (cache.rows,)), dtype=torch.float32, device=device)[:, None]
+               if (lams * d).any() else None for d in delta]
     handles = [layer.router.register_forward_hook(
-        lambda module, args, output, layer=layer, i=i: _biased_choice(layer, i, cache, lams * delta[i], decode_only,
+        lambda module, args, output, layer=layer, i=i: _biased_choice(layer, i, cache, bonuses[i], decode_only,
                                                                       output))
         for i, layer in enumerate(info.layers)]
     try:

@@ -70,37 +70,39 @@ MAX_BATCH_ROWS = 4096  # rows of one batched pass (several points side by side);
 
 
 def decode_points(lm, points: list[tuple[torch.Tensor, float, float]], policy: str, delta) -> list[dict]:
-    """`decode` for several points (ids, share, λ) of one model and policy, side by side in one batch of at most
+    """`decode` for several points (ids, share, λ) of one model and policy, side by side in batches of at most
     `MAX_BATCH_ROWS` rows: each point's rows get their own caches of its share and its λ. The rows of a batch do
     not interact (each row is a request with its own cache), so each point's misses, routing and perplexity are
-    those of its own pass (tested), up to the float rounding of a larger batch: in the cpu chain, one of notebook
-    06's 39 validation miss rates moved in its fourth decimal and a few perplexities in their sixth digit."""
-    info = moe.describe(lm)
-    n_layers, n_experts = len(info.layers), info.n_experts
+    those of its own pass (tested), up to the float rounding of a larger batch."""
     if len({x.shape[1] for x, _, _ in points}) != 1:
         raise ValueError(f"points decoded together need one window length, got {[x.shape[1] for x, _, _ in points]}")
-    results, batch = [], []
-    for n, point in enumerate(points):
-        batch.append(point)
-        if n + 1 < len(points) and sum(len(x) for x, _, _ in batch) + len(points[n + 1][0]) <= MAX_BATCH_ROWS:
-            continue
-        ids = torch.cat([x for x, _, _ in batch])
-        sizes = [len(x) for x, _, _ in batch]
-        online = OnlineCache(ids.shape[0], n_layers, n_experts,
-                             np.repeat([capacity(share, n_layers, n_experts) for _, share, _ in batch], sizes), policy,
-                             halflife=cache.aging_halflife(n_layers, info.top_k))
-        with cache_prior(lm, online, np.repeat([lam for _, _, lam in batch], sizes), delta), \
-                record_routing(lm) as recorder, \
-                moe.experts_implementation(lm, DECODE_IMPLEMENTATION.get(moe.unwrap(lm).device.type)):
-            nll, misses = decode_teacher_forced(lm, ids, online)
-        experts = np.concatenate([e for e, _ in recorder.calls()]).reshape(ids.shape[1], ids.shape[0], n_layers, -1)
-        experts = experts.transpose(1, 0, 2, 3)
-        for rows in np.split(np.arange(ids.shape[0]), np.cumsum(sizes)[:-1]):
-            results.append({"ppl": float(np.exp(nll[rows].sum() / (len(rows) * (ids.shape[1] - 1)))),
-                            "misses_per_token": float(misses[rows].sum() / (len(rows) * ids.shape[1])),
-                            "experts": experts[rows]})
-        batch = []
-    return results
+    batches, rows = [[]], 0
+    for point in points:
+        if batches[-1] and rows + len(point[0]) > MAX_BATCH_ROWS:
+            batches.append([])
+            rows = 0
+        batches[-1].append(point)
+        rows += len(point[0])
+    return [result for batch in batches for result in _decode_batch(lm, batch, policy, delta)]
+
+
+def _decode_batch(lm, batch: list[tuple[torch.Tensor, float, float]], policy: str, delta) -> list[dict]:
+    info = moe.describe(lm)
+    n_layers, n_experts = len(info.layers), info.n_experts
+    ids = torch.cat([x for x, _, _ in batch])
+    sizes = [len(x) for x, _, _ in batch]
+    online = OnlineCache(ids.shape[0], n_layers, n_experts,
+                         np.repeat([capacity(share, n_layers, n_experts) for _, share, _ in batch], sizes), policy,
+                         halflife=cache.aging_halflife(n_layers, info.top_k))
+    with cache_prior(lm, online, np.repeat([lam for _, _, lam in batch], sizes), delta), \
+            record_routing(lm) as recorder, \
+            moe.experts_implementation(lm, DECODE_IMPLEMENTATION.get(moe.unwrap(lm).device.type)):
+        nll, misses = decode_teacher_forced(lm, ids, online)
+    experts = np.concatenate([e for e, _ in recorder.calls()]).reshape(ids.shape[1], ids.shape[0], n_layers, -1)
+    experts = experts.transpose(1, 0, 2, 3)
+    return [{"ppl": float(np.exp(nll[rows].sum() / (len(rows) * (ids.shape[1] - 1)))),
+             "misses_per_token": float(misses[rows].sum() / (len(rows) * ids.shape[1])), "experts": experts[rows]}
+            for rows in np.split(np.arange(ids.shape[0]), np.cumsum(sizes)[:-1])]
 
 
 def capacity(share: float, n_layers: int, n_experts: int) -> int:

@@ -138,8 +138,8 @@ class EngineBench:
     (an empty cache, a fresh slot pool) for every run.
 
     On CUDA the budget is also checked from the allocator: the engine's model copy may hold only its resident
-    weights, buffers, slot pool and the engine's slot table (each tensor rounded up to the allocator's 512-byte blocks). What it holds is
-    measured when it is built and then followed through every reconfiguration's change."""
+    weights, buffers, slot pool and the engine's slot table (each tensor rounded up to the allocator's 512-byte
+    blocks). What it holds is measured when it is built and then followed through every reconfiguration's change."""
 
     def __init__(self, lm, store, tier: str, bandwidth_gbps: float | None = None):
         self.cuda = next(lm.parameters()).device.type == "cuda"
@@ -163,7 +163,8 @@ class EngineBench:
         allowed = sum(-(-t.numel() * t.element_size() // 512) * 512 for t in tensors)
         if self.held > allowed:
             raise AssertionError(f"the engine's model holds {self.held} bytes of GPU memory, more than its resident "
-                                 f"weights, buffers, slot pool and slot table ({allowed} bytes): the fast tier exceeds its budget")
+                                 f"weights, buffers, slot pool and slot table ({allowed} bytes): the fast tier exceeds "
+                                 "its budget")
         return {"cuda_engine_bytes": self.held, "cuda_allowed_bytes": allowed}
 
     def configure(self, capacity: int, policy: str, mode: str, prefetch: bool, tier: str,
