@@ -227,7 +227,7 @@ def cache_prior(model: torch.nn.Module, cache: "OnlineCache | EngineCache", lam:
         raise ValueError(f"delta needs one value per MoE layer ({len(info.layers)}), got {len(delta)}")
     # each layer's per-row bonus λ·Δ_l, made once on the routers' device (float32, as the selection key)
     device = unwrap(model).device
-    bonuses = [torch.as_tensor(np.broadcast_to(lams * d, (cache.rows,)), dtype=torch.float32, device=device)[:, None]
+    bonuses = [torch.tensor(np.broadcast_to(lams * d, (cache.rows,)), dtype=torch.float32, device=device)[:, None]
                if (lams * d).any() else None for d in delta]
     handles = [layer.router.register_forward_hook(
         lambda module, args, output, layer=layer, i=i: _biased_choice(layer, i, cache, bonuses[i], decode_only,

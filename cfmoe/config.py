@@ -164,6 +164,8 @@ class ServingConfig:
     full_tier: str = "throttled"  # every policy, mode and prefetch runs here; other tiers run LRU in `partial_modes`
     partial_modes: tuple[str, ...] = ("unified", "disaggregated")  # the tiers other than full_tier (unified needed:
     # the cost model is calibrated on each tier's largest-budget unified run)
+    mode_runs: tuple[str, ...] = ()  # the runs measured in every mode, policy and prefetch on full_tier (empty: all
+    # of `runs`); the others run `partial_modes` only, on every tier
     throttle_gbps: float = claims.EDGE_DEVICES["cpu"][1]  # the authors' flash; 0 = scaled to this machine
     # (`cfmoe.stages.serving.scaled_bandwidth`)
     profile_mb: float = 64  # size of the memory/file bandwidth probe
@@ -394,10 +396,11 @@ def validate(cfg: StudyConfig, where: str = "config") -> None:
              "serving.modes": (cfg.serving.modes, serving_sim.MODES),
              "serving.tiers": (cfg.serving.tiers, serving.TIERS),
              "serving.full_tier": ((cfg.serving.full_tier,), cfg.serving.tiers),
-             "serving.partial_modes": (cfg.serving.partial_modes, serving_sim.MODES)}
+             "serving.partial_modes": (cfg.serving.partial_modes, serving_sim.MODES),
+             "serving.mode_runs": (cfg.serving.mode_runs, cfg.serving.runs)}
     for name, (given, valid) in names.items():
         unknown = [value for value in given if value not in valid]
-        if unknown or not given:
+        if unknown or (not given and name != "serving.mode_runs"):
             _fail(where, name, unknown[0] if unknown else list(given), f"valid: {', '.join(valid)}")
     if "unified" not in cfg.serving.partial_modes:
         _fail(where, "serving.partial_modes", list(cfg.serving.partial_modes),

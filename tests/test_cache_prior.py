@@ -99,6 +99,20 @@ def test_replayed_misses_equal_the_online_cache_without_the_prior():
         assert online["ppl"] == point["ppl"]
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_own_pass_equals_the_token_by_token_pass_without_the_prior(arch):
+    """Without the prior, one forward pass gives the token-by-token pass's routing and perplexity (up to rounding),
+    so its replayed misses are the online cache's."""
+    from cfmoe.stages import beyond_cfmoe
+
+    lm = tiny_moe(arch, n_experts=8, top_k=2, n_layers=2)
+    stepwise = beyond_cfmoe.decode(lm, IDS, 0.25, "lru", 0.0, None)
+    whole = beyond_cfmoe.own_pass(lm, IDS, batch_size=2)
+    assert np.array_equal(np.sort(whole["experts"], -1), np.sort(stepwise["experts"], -1))
+    assert whole["ppl"] == pytest.approx(stepwise["ppl"], rel=1e-5)
+    assert beyond_cfmoe.replay(whole["experts"], 0.25, "lru", 8, 2) == stepwise["misses_per_token"]
+
+
 def test_points_decoded_side_by_side_equal_their_own_passes(monkeypatch):
     """Several (ids, share, λ) points in one batch, each row its own cache and bonus: each point's misses and
     routing are exactly its own pass's, its perplexity equal up to a larger batch's rounding; batches split at
@@ -120,6 +134,27 @@ def test_points_decoded_side_by_side_equal_their_own_passes(monkeypatch):
             assert one["ppl"] == pytest.approx(other_["ppl"], rel=1e-6)
     with pytest.raises(ValueError, match=r"one window length, got \[24, 5\]"):
         beyond_cfmoe.decode_points(lm, [(IDS, 0.25, 0.0), (IDS[:, :5], 0.25, 0.0)], "lru", delta)
+
+
+def test_generation_with_the_prior_replays_to_the_online_caches_count():
+    """Notebook 06's generated text: a left-padded batch generates with each row's own cache in the loop; each row's
+    kept decode routing, replayed, gives exactly the misses its online cache counted; the prior cuts them."""
+    from cfmoe.routing import DECODE, trace_generate
+
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2), tiny_tokenizer()
+    delta = router_spread(lm, IDS)
+    prompts = ["the cat sat", "a dog", "on the mat it sat today"]
+    totals = []
+    for lam in (0.0, 2.0):
+        online = OnlineCache(len(prompts), 2, 8, 4)
+        with cache_prior(lm, online, lam, delta, decode_only=True):
+            traces = trace_generate(lm, tok, prompts, max_new_tokens=10, do_sample=False, eos_token_id=[])
+        for row, trace in enumerate(traces):
+            decode = trace.experts[trace.phase == DECODE]
+            assert len(decode) == 10
+            assert cache.simulate_cache(cache.access_keys(decode, 8), "lru", 4).misses == online.misses[row]
+        totals.append(online.misses.sum())
+    assert totals[1] < totals[0]
 
 
 def test_lambda_choice_and_changes_against_the_control():

@@ -163,3 +163,20 @@ def test_a_stage_beside_fine_tuning_waits_for_each_model(tmp_path, monkeypatch):
     monkeypatch.setenv(runs.WAIT_ENV, "soon")
     with pytest.raises(ValueError, match=r"CFMOE_WAIT_FOR_RUNS='soon' is not a number of seconds"):
         runs.load_finetuned(cfg, "lora_control", 1)
+
+
+def test_the_base_test_evaluation_is_recorded_once_for_every_notebook(tmp_path, monkeypatch):
+    """Notebooks 00, 01 and 02 report the base model on the same test blocks: one recording, read back by the
+    others; other blocks (another block size) are recorded on their own."""
+    monkeypatch.setenv("CFMOE_ARTIFACTS", str(tmp_path))
+    cfg = load_config("smoke")
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=2), tiny_tokenizer()
+    calls = []
+    record = evaluate.record_test
+    monkeypatch.setattr(evaluate, "record_test", lambda *a, **k: calls.append(1) or record(*a, **k))
+    first = runs.base_test_evaluation(cfg, lm, tok, 32)
+    again = runs.base_test_evaluation(cfg, lm, tok, 32)
+    assert len(calls) == 1 and first["test_ppl"] == again["test_ppl"]
+    assert np.array_equal(first["experts"], again["experts"])
+    runs.base_test_evaluation(cfg, lm, tok, 16)
+    assert len(calls) == 2

@@ -71,6 +71,10 @@ def test_the_cpu_grid_keeps_what_the_headline_needs():
     assert (settings.tier == "in_memory").sum() == len(sc.runs)
     full = engine[engine.tier == sc.full_tier]
     assert set(full["mode"]) == {"unified", "disaggregated", "disaggregated_warm", "disaggregated+prefetch"}
+    for run in sc.runs:  # the control and CFMoE in every mode; base, beside them, unified only
+        modes = set(full[full.run == run]["mode"])
+        assert modes == (set(full["mode"]) if run in sc.mode_runs else set(sc.partial_modes)), run
+    assert set(sc.mode_runs) == {"lora_control", "cfmoe"}
     assert set(engine[engine.tier != sc.full_tier]["mode"]) == set(sc.partial_modes) == {"unified"}
     levels = [s for s in sc.shares if s in load_config("cpu").cache.cached_shares]
     assert levels and min(sc.shares) < min(levels)  # a budget below the lowest level, to interpolate CFMoE at it

@@ -29,8 +29,7 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict[str, pd.DataFrame]:
     build = model.build_info(runs.model_dir(cfg))
 
     started = time.perf_counter()
-    test = runs.test_evaluation(cfg, NOTEBOOK, "base", lm, tokenizer, cfg.pretrain.block_size, cfg.eval.max_test_tokens,
-                                force)
+    test = runs.base_test_evaluation(cfg, lm, tokenizer, cfg.pretrain.block_size, force)
     eval_seconds = time.perf_counter() - started
 
     load = metrics.expert_load(test["experts"], info.n_experts)

@@ -12,11 +12,12 @@ Methods, all from the same base model, data, steps and seeds (`finetune.seeds`):
   the same on CFMoE. λ is swept on validation at 25% of experts cached under LRU; the chosen λ is the largest
   whose validation perplexity stays within `PRIOR_PPL_BUDGET` of the same model without the prior.
 
-Every model decodes teacher-forced validation and test blocks token by token, each block a request with its own
-cold cache of `share` x (layers x experts) entries (global pool), so routing can depend on the cache. Without the
-prior, routing does not depend on the cache and the recorded routing is replayed exactly through every share
-and policy (`cache.simulate_cache`, equal to the online cache; tested). Decode misses per token and perplexity
-come from the same pass. Policies: LRU and `lfu_aging` (half-life `cache.AGING_HALFLIFE_TOKENS` tokens, fixed,
+With the prior, a model decodes teacher-forced validation and test blocks token by token, each block a request
+with its own cold cache of `share` x (layers x experts) entries (global pool), so routing can depend on the cache.
+Without it, routing does not depend on the cache: one forward pass per split records it (`own_pass`, equal to the
+token-by-token pass up to float rounding; tested), and it is replayed exactly through every share and policy
+(`cache.simulate_cache`, equal to the online cache; tested). Decode misses per token and perplexity come from the
+same pass. Policies: LRU and `lfu_aging` (half-life `cache.AGING_HALFLIFE_TOKENS` tokens, fixed,
 not tuned).
 """
 
@@ -113,17 +114,27 @@ def capacity(share: float, n_layers: int, n_experts: int) -> int:
 def replayed_misses(experts: np.ndarray, n_experts: int, top_k: int) -> list[dict]:
     """Decode misses per token of recorded routing (rows, T, layers, k), each row its own cold cache, for every
     share and policy: exact replays (the routing did not depend on the cache)."""
+    return [{"cache_share": share, "policy": policy,
+             "decode_misses_per_token": replay(experts, share, policy, n_experts, top_k)}
+            for share in SHARES for policy in POLICIES]
+
+
+def replay(experts: np.ndarray, share: float, policy: str, n_experts: int, top_k: int) -> float:
+    """Decode misses per token of recorded routing (rows, T, layers, k) through one share and policy, each row its
+    own cold cache."""
     n_layers = experts.shape[2]
-    rows = []
-    for share in SHARES:
-        for policy in POLICIES:
-            size = capacity(share, n_layers, n_experts)
-            misses = sum(cache.simulate_cache(cache.access_keys(row, n_experts), policy, size,
-                                              halflife=cache.aging_halflife(n_layers, top_k)).misses
-                         for row in experts)
-            rows.append({"cache_share": share, "policy": policy,
-                         "decode_misses_per_token": misses / (experts.shape[0] * experts.shape[1])})
-    return rows
+    size = capacity(share, n_layers, n_experts)
+    misses = sum(cache.simulate_cache(cache.access_keys(row, n_experts), policy, size,
+                                      halflife=cache.aging_halflife(n_layers, top_k)).misses for row in experts)
+    return misses / (experts.shape[0] * experts.shape[1])
+
+
+def own_pass(lm, ids: torch.Tensor, batch_size: int) -> dict:
+    """A model's own routing (no prior, so routing does not depend on the cache) from one teacher-forced forward
+    pass over whole rows: its perplexity and the experts every token used, (rows, T, layers, k). The same as a
+    token-by-token pass up to float rounding (tested); its misses for any cache are exact replays."""
+    ppl, experts = evaluate.record_test(lm, {"input_ids": ids.numpy()}, batch_size)
+    return {"ppl": ppl["perplexity"], "experts": experts.reshape(*ids.shape, *experts.shape[1:])}
 
 
 def _remoe_weight(cfg: StudyConfig, lm, tokenizer, blocks, choice: dict, top_k: int) -> tuple[float, pd.DataFrame]:
@@ -174,14 +185,15 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
         # Δ of each model the prior runs on, once per seed
         deltas[seed] = {STACKS[alone][0]: router_spread(tuned[STACKS[alone][0]], ids["validation"][:8])
                         for alone in PRIORS.values()}
-        for method in ("control", "remoe", "cfmoe"):  # alone: both splits in one pass, replayed through every cache
+        for method in ("control", "remoe", "cfmoe"):  # alone: its own routing, replayed through every cache
             lm = tuned[STACKS[method][0]]
-            passes = dict(zip(ids, decode_points(lm, [(x, SWEEP[0], 0.0) for x in ids.values()], SWEEP[1], None)))
+            passes = {split: own_pass(lm, x, cfg.eval.batch_size) for split, x in ids.items()}
             for row in replayed_misses(passes["test"]["experts"], info.n_experts, info.top_k):
                 rows.append({"method": method, "seed": seed, "lam": 0.0, **row,
                              "val_ppl": passes["validation"]["ppl"], "test_ppl": passes["test"]["ppl"]})
             start = {"method": method, "seed": seed, "lam": 0.0, "val_ppl": passes["validation"]["ppl"],
-                     "val_misses_per_token": passes["validation"]["misses_per_token"]}
+                     "val_misses_per_token": replay(passes["validation"]["experts"], *SWEEP, info.n_experts,
+                                                    info.top_k)}
             sweep_rows += [start] + [{**start, "method": prior} for prior, alone in PRIORS.items() if alone == method]
         for method, alone in PRIORS.items():
             run = STACKS[alone][0]
@@ -194,21 +206,27 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     alone = pd.DataFrame(rows)
     chosen = choose_lambdas(sweep, alone)
 
-    for seed in ft.seeds:  # the chosen λ, every share, on validation and test
+    # the chosen λ, every share, on validation and test (validation at the sweep's share was decoded by the sweep)
+    wanted = [(split, share) for share in SHARES for split in ("validation", "test")
+              if (split, share) != ("validation", SWEEP[0])]
+    for seed in ft.seeds:
         for method, alone in PRIORS.items():
             run = STACKS[alone][0]
             lm, delta = by_seed[seed][run], deltas[seed][run]
-            points = decode_points(lm, [(ids[split], share, chosen[method]) for share in SHARES
-                                        for split in ("validation", "test")], "lru", delta)
-            for share, val, test in zip(SHARES, points[::2], points[1::2]):
+            decoded = decode_points(lm, [(ids[split], share, chosen[method]) for split, share in wanted], SWEEP[1],
+                                    delta)
+            points = dict(zip(wanted, decoded))
+            swept = sweep[(sweep.method == method) & (sweep.seed == seed) & np.isclose(sweep.lam, chosen[method])]
+            for share in SHARES:
+                test = points[("test", share)]
+                val_ppl = float(swept.val_ppl.iloc[0]) if share == SWEEP[0] else points[("validation", share)]["ppl"]
                 point = {"method": method, "seed": seed, "lam": chosen[method], "cache_share": share,
-                         "val_ppl": val["ppl"], "test_ppl": test["ppl"]}
+                         "val_ppl": val_ppl, "test_ppl": test["ppl"]}
                 rows.append({**point, "policy": "lru", "decode_misses_per_token": test["misses_per_token"]})
                 # the oracle on the routing the prior produced under LRU: how far LRU is from the best cache for it
-                size = capacity(share, len(info.layers), info.n_experts)
-                opt = sum(cache.simulate_cache(cache.access_keys(row, info.n_experts), "opt", size).misses
-                          for row in test["experts"])
-                rows.append({**point, "policy": "opt", "decode_misses_per_token": opt / ids["test"].numel()})
+                rows.append({**point, "policy": "opt",
+                             "decode_misses_per_token": replay(test["experts"], share, "opt", info.n_experts,
+                                                               info.top_k)})
     quality = pd.DataFrame([row for seed in ft.seeds
                             for row in generated_quality(cfg, by_seed[seed], deltas[seed], seed, chosen, tokenizer)])
     engine = engine_measurements(cfg, by_seed[ft.seeds[0]], chosen, deltas[ft.seeds[0]], tokenizer)
@@ -308,34 +326,41 @@ ENGINE_SETTING = ["method", "share"]
 
 
 def generated_quality(cfg: StudyConfig, models: dict, deltas: dict, seed: int, chosen: dict, tokenizer) -> list[dict]:
-    """Every method generates for notebook 04's entries (sampled, the authors' settings, seeded), each entry a
-    request with its own cold decode cache (25% of experts, LRU; prefill disaggregated, outside it) in the loop:
-    repetition of what it wrote, next to its decode misses per token. `models` by run name, `deltas` (the prior's
-    Δ) by run name."""
+    """Every method generates for notebook 04's entries (sampled, the authors' settings, seeded; all entries as one
+    left-padded batch), each entry a request with its own cold decode cache (25% of experts, LRU; prefill
+    disaggregated, outside it) in the loop: repetition of what it wrote, next to its decode misses per token.
+    `models` by run name, `deltas` (the prior's Δ) by run name.
+
+    A row's misses are its kept decode routing (`routing.trace_generate`: up to its first EOS, each kept token run
+    through the model) replayed through its cache: the routing the prior chose with that very cache, so the replay
+    equals the online cache's count over those tokens, free of the steps the batch runs past the row's end."""
+    from ..routing import DECODE, trace_generate
     from .ecr_wikitext import decoding_settings, entries
 
     prompts = list(entries(cfg)["prompt"])[:cfg.beyond.generated_entries or None]
     settings = decoding_settings(cfg)["sampled"]
     new_tokens = cfg.beyond.generated_tokens or cfg.ecr.max_new_tokens
+    share, policy = SWEEP
     rows = []
     for method, (run, prior) in STACKS.items():
         lm = models[run]
         info = moe.describe(lm)
         n_layers = len(info.layers)
-        delta = deltas[run] if prior else None
+        size = capacity(share, n_layers, info.n_experts)
+        online = OnlineCache(len(prompts), n_layers, info.n_experts, size, policy)
         torch.manual_seed(seed)
-        for entry, prompt in enumerate(prompts):
-            online = OnlineCache(1, n_layers, info.n_experts, capacity(SWEEP[0], n_layers, info.n_experts), SWEEP[1])
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(moe.unwrap(lm).device)
-            with cache_prior(lm, online, chosen[method] if prior else 0.0, delta, decode_only=True):
-                out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                  **settings)
-            tokens = out[0, ids.shape[1]:].cpu().numpy()
+        with cache_prior(lm, online, chosen[method] if prior else 0.0, deltas[run] if prior else None,
+                         decode_only=True):
+            traces = trace_generate(lm, tokenizer, prompts, max_new_tokens=new_tokens, **settings)
+        for entry, trace in enumerate(traces):
+            decode = trace.phase == DECODE
+            tokens = trace.token_ids[decode]
+            misses = cache.simulate_cache(cache.access_keys(trace.experts[decode], info.n_experts), policy,
+                                          size).misses
             rows.append({"method": method, "seed": seed, "entry": entry, "generated_tokens": len(tokens),
                          "repeated_4gram_rate": textquality.repeated_ngram_rate(tokens, 4),
                          "distinct_2": textquality.distinct_n(tokens, 2),
-                         "decode_misses_per_token": float(online.misses[0]) / len(tokens)})
+                         "decode_misses_per_token": misses / len(tokens)})
     return rows
 
 

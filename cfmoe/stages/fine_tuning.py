@@ -84,7 +84,8 @@ def _scores(cfg: StudyConfig, name: str, lm, tokenizer, force: bool) -> dict:
     ft = cfg.finetune
     val = runs.test_evaluation(cfg, NOTEBOOK, name, lm, tokenizer, ft.block_size, ft.eval_tokens, force,
                                split="validation")
-    test = runs.test_evaluation(cfg, NOTEBOOK, name, lm, tokenizer, ft.block_size, cfg.eval.max_test_tokens, force)
+    test = (runs.base_test_evaluation(cfg, lm, tokenizer, ft.block_size, force) if name == "base" else
+            runs.test_evaluation(cfg, NOTEBOOK, name, lm, tokenizer, ft.block_size, cfg.eval.max_test_tokens, force))
     return {"validation_ppl": val["test_ppl"], "validation_ecr": val["test_ecr"], "test_ppl": test["test_ppl"],
             "test_ecr": test["test_ecr"], "per_layer_ecr": test["per_layer_ecr"]}
 

@@ -266,7 +266,7 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     k_over_e = info.top_k / info.n_experts
 
     # (a) descriptive: the final base model's locality on the test split; it chooses nothing
-    base = runs.test_evaluation(cfg, NOTEBOOK, "base", lm, tokenizer, ft.block_size, cfg.eval.max_test_tokens, force)
+    base = runs.base_test_evaluation(cfg, lm, tokenizer, ft.block_size, force)
     per_layer = pd.DataFrame({"moe_layer": np.arange(len(info.layers)), "ecr": base["per_layer_ecr"],
                               "iid_ecr": k_over_e,
                               "max_load_ratio": metrics.max_load_ratio(base["experts"], info.n_experts)})

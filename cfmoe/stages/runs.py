@@ -120,8 +120,8 @@ def with_seed(table):
 
 def _settings_digest(settings: dict) -> str:
     def default(value):
-        if isinstance(value, np.ndarray):
-            return hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
+        if isinstance(value, np.ndarray):  # the shape too: the same tokens cut into other blocks are other inputs
+            return f"{value.shape}|{value.dtype}|{hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()}"
         return str(value)
     return json.dumps(settings, sort_keys=True, default=default)
 
@@ -150,6 +150,15 @@ def traces_in(folder: Path, compute: Callable[[], list[routing.RoutingTrace]], f
             trace.save(partial / f"{i:05d}.npz")
         write_json_atomic(partial / "index.json", {"traces": len(traces)})
     return traces
+
+
+BASE_TEST_STAGE = "00_base_model"  # the base model's test evaluation: recorded by notebook 00, read by the others
+
+
+def base_test_evaluation(cfg: StudyConfig, lm, tokenizer, block_size: int, force: bool = False) -> dict:
+    """The base model's `test_evaluation` on `cfg.eval.max_test_tokens` test tokens, recorded once for every notebook
+    (a notebook with other blocks records its own)."""
+    return test_evaluation(cfg, BASE_TEST_STAGE, "base", lm, tokenizer, block_size, cfg.eval.max_test_tokens, force)
 
 
 def test_evaluation(cfg: StudyConfig, stage: str, run: str, lm, tokenizer, block_size: int, max_tokens: int = 0,

@@ -84,8 +84,9 @@ def scaled_bandwidth(sizes: costmodel.ModelSizes, seconds_per_token: float,
 
 def grid(sc, n_routed: int, top_k: int) -> list[dict]:
     """Every timed setting of `sc` (a ServingConfig): each model in memory, and each engine run (model x tier x
-    share x policy x mode x prefetch). Every policy, mode and prefetch runs on `sc.full_tier`; the other tiers run
-    LRU in `sc.partial_modes`."""
+    share x policy x mode x prefetch). Every policy, mode and prefetch runs on `sc.full_tier` for the runs in
+    `sc.mode_runs` (all when empty); the other tiers, and the other runs on every tier, run LRU in
+    `sc.partial_modes`."""
     combos = [("lru", mode, False) for mode in sc.modes] + [("lru", "disaggregated", True)] * sc.prefetch + \
         [(p, "disaggregated", False) for p in sc.policies if p != "lru"]
     partial = [("lru", mode, False) for mode in sc.partial_modes]
@@ -96,7 +97,8 @@ def grid(sc, n_routed: int, top_k: int) -> list[dict]:
         for tier in sc.tiers:
             for share in sc.shares:
                 capacity = int(max(top_k, round(share * n_routed)))
-                for policy, mode, prefetch in (combos if tier == sc.full_tier else partial):
+                full = tier == sc.full_tier and (run in sc.mode_runs or not sc.mode_runs)
+                for policy, mode, prefetch in (combos if full else partial):
                     settings.append({"run": run, "tier": tier, "policy": policy, "mode": mode + "+prefetch" * prefetch,
                                      "prefetch": prefetch, "share": share, "capacity": capacity})
     return settings
