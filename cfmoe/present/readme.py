@@ -89,7 +89,7 @@ def times_block(root: Path) -> list[str]:
         return ["(the cpu chain has not been timed yet)"]
     times = pd.read_csv(path)
     stages = ", ".join(f"{row.notebook[:2]} {row.seconds / 60:.1f}" for row in times.itertuples())
-    lines = [f"`./run_all.sh` (cpu preset) took {times.seconds.sum() / 60:.0f} min on {int(times.cores.max())} "
+    lines = [f"`./run_all.sh` (cpu preset) took {times.seconds.sum() / 60:.1f} min on {int(times.cores.max())} "
              f"CPU cores in its last run (minutes per notebook: {stages}; `results/chain/cpu.csv`)."]
     base = _read(root, "00_base_model", "cpu", "base_model")
     if base is not None:
