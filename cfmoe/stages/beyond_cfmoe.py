@@ -241,12 +241,14 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     save_table(summary, out / "methods_summary", cfg, **extra)
     save_table(sweep, out / "lambda_sweep", cfg, **extra)
     save_table(remoe_sweep, out / "remoe_sweep", cfg, **extra)
-    quality_summary = stats.summarize(quality, ["method"], ["repeated_4gram_rate", "distinct_2", "decode_misses_per_token"])
+    quality_summary = stats.summarize(quality, ["method"],
+                                      ["repeated_4gram_rate", "distinct_2", "decode_misses_per_token"])
     save_table(quality, out / "generated", cfg, **extra, decoding="sampled (the authors' settings)",
                cache="25% of experts, LRU, one cold decode cache per entry, prefill disaggregated")
     save_table(quality_summary, out / "generated_summary", cfg, **extra)
     engine_summary = serving.summarize_repeats(engine, keys=ENGINE_SETTING, timed=("decode_tokens_per_s",))
-    engine_extra = {**extra, "tier": serving.tier_label("throttled"), "seed": ft.seeds[0], "repeats": cfg.serving.repeats}
+    engine_extra = {**extra, "tier": serving.tier_label("throttled"), "seed": ft.seeds[0],
+                    "repeats": cfg.serving.repeats}
     save_table(engine, out / "engine", cfg, **engine_extra)
     save_table(engine_summary, out / "engine_summary", cfg, **engine_extra)
     equal = equal_perplexity(sweep, chosen)
@@ -346,8 +348,7 @@ def generated_quality(cfg: StudyConfig, models: dict, deltas: dict, seed: int, c
         lm = models[run]
         info = moe.describe(lm)
         n_layers = len(info.layers)
-        size = capacity(share, n_layers, info.n_experts)
-        online = OnlineCache(len(prompts), n_layers, info.n_experts, size, policy)
+        online = OnlineCache(len(prompts), n_layers, info.n_experts, capacity(share, n_layers, info.n_experts), policy)
         torch.manual_seed(seed)
         with cache_prior(lm, online, chosen[method] if prior else 0.0, deltas[run] if prior else None,
                          decode_only=True):
@@ -355,12 +356,11 @@ def generated_quality(cfg: StudyConfig, models: dict, deltas: dict, seed: int, c
         for entry, trace in enumerate(traces):
             decode = trace.phase == DECODE
             tokens = trace.token_ids[decode]
-            misses = cache.simulate_cache(cache.access_keys(trace.experts[decode], info.n_experts), policy,
-                                          size).misses
             rows.append({"method": method, "seed": seed, "entry": entry, "generated_tokens": len(tokens),
                          "repeated_4gram_rate": textquality.repeated_ngram_rate(tokens, 4),
                          "distinct_2": textquality.distinct_n(tokens, 2),
-                         "decode_misses_per_token": misses / len(tokens)})
+                         "decode_misses_per_token": replay(trace.experts[decode][None], share, policy,
+                                                           info.n_experts, info.top_k)})
     return rows
 
 
@@ -397,7 +397,8 @@ def engine_measurements(cfg: StudyConfig, models: dict, chosen: dict, deltas: di
         bench = benches[run]
         with cache_prior(bench.model, EngineCache(bench.engine), chosen[method] if prior else 0.0,
                          deltas[run] if prior else None):
-            result = bench.run(requests, references[run], kwargs, warmup, capacity=capacity(share, len(info.layers), info.n_experts),
+            result = bench.run(requests, references[run], kwargs, warmup,
+                               capacity=capacity(share, len(info.layers), info.n_experts),
                                policy="lru", mode="disaggregated", tier="throttled", bandwidth_gbps=bandwidth)
         rows.append({"method": method, "share": share, "lam": chosen[method] if prior else 0.0, "repeat": repeat,
                      "order": position, "io_gbps": bandwidth, "in_memory_tokens_per_s": speeds[run], **result})
