@@ -55,6 +55,8 @@ class PretrainConfig:
     weight_decay: float = 0.1
     # Load-balancing weight: 0.01 left one expert at 7x the uniform share in a probe of this shape.
     aux_loss_coef: float = 0.1
+    # 0: balance each batch; N > 0: balance expert loads averaged over about N steps (global-batch balance)
+    balance_horizon: int = 0
     eval_every: int = 100
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
     time_limit_minutes: float = 0.0  # stop after this much training (gpu preset's budget); 0 = no limit
@@ -179,6 +181,7 @@ class BeyondConfig:
 
     decode_window: int = 0  # tokens each request decodes: validation/test blocks cut into windows of this many
     # tokens, each a request with its own cold cache (0 = the whole block, finetune.block_size)
+    validation_tokens: int = 0  # validation tokens of the passes (0 = router_design.eval_tokens; gpu: fewer)
     generated_entries: int = 0  # notebook 04's entries each method generates for (0 = ecr.entries)
     generated_tokens: int = 0  # new tokens per generated entry (0 = ecr.max_new_tokens)
 
@@ -338,7 +341,9 @@ def validate(cfg: StudyConfig, where: str = "config") -> None:
             _fail(where, name, value, "it must be >= 1")
     at_least_zero = {"seed": cfg.seed, "model.dense_layers": cfg.model.dense_layers, "pretrain.warmup_steps":
                      cfg.pretrain.warmup_steps, "pretrain.early_stopping_patience": cfg.pretrain.early_stopping_patience,
-                     "pretrain.max_documents": cfg.pretrain.max_documents, "finetune.warmup_steps": cfg.finetune.warmup_steps,
+                     "pretrain.max_documents": cfg.pretrain.max_documents,
+                     "pretrain.balance_horizon": cfg.pretrain.balance_horizon,
+                     "finetune.warmup_steps": cfg.finetune.warmup_steps,
                      "finetune.lora_rank": cfg.finetune.lora_rank, "finetune.eval_tokens": cfg.finetune.eval_tokens,
                      "eval.max_test_tokens": cfg.eval.max_test_tokens, "cache.requests": cfg.cache.requests,
                      "pretrain.weight_decay": cfg.pretrain.weight_decay, "pretrain.aux_loss_coef": cfg.pretrain.aux_loss_coef,
@@ -347,6 +352,7 @@ def validate(cfg: StudyConfig, where: str = "config") -> None:
                      "router_design.max_ppl_increase": cfg.router_design.max_ppl_increase,
                      "serving.throttle_gbps": cfg.serving.throttle_gbps,
                      "beyond.decode_window": cfg.beyond.decode_window,
+                     "beyond.validation_tokens": cfg.beyond.validation_tokens,
                      "beyond.generated_entries": cfg.beyond.generated_entries,
                      "beyond.generated_tokens": cfg.beyond.generated_tokens}
     for name, value in at_least_zero.items():

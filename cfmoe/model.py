@@ -105,7 +105,8 @@ def train_base(cfg: StudyConfig, tokenizer, train_blocks, heldout: dict, output_
     eval_blocks = {k: v[np.unique(idx)] for k, v in heldout.items()}
     probe = HeldoutRoutingCallback(eval_blocks, cfg.model.n_experts, cfg.model.top_k)
     trainer = MoETrainer(model=lm, args=args, train_dataset=train_blocks, eval_dataset=_TorchBlocks(eval_blocks),
-                         aux_loss_coef=p.aux_loss_coef, top_k=cfg.model.top_k, callbacks=[probe, keep_best])
+                         aux_loss_coef=p.aux_loss_coef, top_k=cfg.model.top_k, callbacks=[probe, keep_best],
+                         balance_horizon=p.balance_horizon)
     return lm, trainer, keep_best
 
 

@@ -28,6 +28,43 @@ def balance_loss(router_logits, top_k: int, attention_mask: torch.Tensor | None 
     return torch.stack(losses).mean()
 
 
+class GlobalLoads:
+    """Each MoE layer's share of top-k selections per expert, averaged over training steps (an exponential moving
+    average with a horizon of `horizon` steps, bias-corrected): the "global-batch" balance of Qiu et al. (arXiv
+    2501.11873), which balances experts over many batches instead of inside each one, so that a batch of a few
+    documents may route most of its tokens to the experts of their topic."""
+
+    def __init__(self, horizon: int):
+        if horizon < 1:
+            raise ValueError(f"balance horizon must be >= 1 step, got {horizon}")
+        self.decay = 1.0 - 1.0 / horizon
+        self.mean: torch.Tensor | None = None  # (layers, experts), uncorrected
+        self.steps = 0
+
+    def update(self, shares: torch.Tensor) -> torch.Tensor:
+        """Add one step's (layers, experts) selection shares; returns the corrected average."""
+        shares = shares.detach().float()
+        self.mean = (1 - self.decay) * shares if self.mean is None else self.decay * self.mean + (1 - self.decay) * shares
+        self.steps += 1
+        return self.mean / (1 - self.decay ** self.steps)
+
+
+def global_balance_loss(router_logits, top_k: int, loads: GlobalLoads, update: bool) -> torch.Tensor:
+    """The Switch balance loss of each layer with its selection shares taken from `loads` (this step's shares
+    added when `update`) instead of from this batch alone; mean over layers. Uniform routing gives `top_k`, the
+    same scale as `balance_loss`."""
+    layers = torch.stack(_layer_logits(router_logits)).float()  # (layers, tokens, experts)
+    n_experts = layers.shape[-1]
+    probs = layers.softmax(-1)
+    selected = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, n_experts).sum(-2).float()
+    shares = selected.mean(1)  # (layers, experts): selections per token, summing to top_k
+    if update:
+        shares = loads.update(shares)
+    elif loads.mean is not None:
+        shares = loads.mean / (1 - loads.decay ** loads.steps)
+    return n_experts * (shares * probs.mean(1)).sum(-1).mean()
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> torch.Tensor:
     """Mean next-token cross-entropy, ignoring padded positions and -100 labels."""
     labels = labels.clone()
@@ -41,9 +78,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask=No
 class MoETrainer(Trainer):
     """Trainer whose loss is LM loss + aux_loss_coef·balance (+ the `extra_losses` terms), each logged."""
 
-    def __init__(self, *args, aux_loss_coef: float = 0.0, top_k: int, extra_losses=None, **kwargs):
+    def __init__(self, *args, aux_loss_coef: float = 0.0, top_k: int, extra_losses=None, balance_horizon: int = 0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.aux_loss_coef = aux_loss_coef
+        # 0: balance each batch (`balance_loss`); > 0: balance over about this many steps (`global_balance_loss`)
+        self.loads = GlobalLoads(balance_horizon) if balance_horizon else None
         self.top_k = top_k
         # name -> (weight, fn(router_logits, batch) -> scalar tensor)
         self.extra_losses = dict(extra_losses or {})
@@ -60,7 +100,9 @@ class MoETrainer(Trainer):
         terms = {"lm_loss": lm_loss}
         loss = lm_loss
         if self.aux_loss_coef:
-            terms["balance_loss"] = balance_loss(outputs.router_logits, self.top_k, batch.get("attention_mask"))
+            terms["balance_loss"] = (
+                balance_loss(outputs.router_logits, self.top_k, batch.get("attention_mask")) if self.loads is None
+                else global_balance_loss(outputs.router_logits, self.top_k, self.loads, update=model.training))
             loss = loss + self.aux_loss_coef * terms["balance_loss"]
         for name, (weight, fn) in self.extra_losses.items():
             terms[name] = fn(outputs.router_logits, {**batch, "document_ids": document_ids})

@@ -10,7 +10,7 @@ from cfmoe import finetune
 from cfmoe.stages import router_design
 from cfmoe.config import FinetuneConfig
 from cfmoe.locality import consecutive_pair_mask, locality_loss
-from cfmoe.training import MoETrainer, balance_loss, causal_lm_loss
+from cfmoe.training import GlobalLoads, MoETrainer, balance_loss, causal_lm_loss, global_balance_loss
 
 
 def _batch(seed=0, batch=2, seq=12):
@@ -36,6 +36,33 @@ def test_trainer_loss_is_lm_plus_balance_plus_lambda_locality(arch, tmp_path):
     expected = (causal_lm_loss(out.logits, batch["input_ids"]) + coef * balance_loss(out.router_logits, 2)
                 + weight * locality_loss(logits, mask, "js"))
     torch.testing.assert_close(loss, expected)
+
+
+def test_global_balance_is_the_batch_balance_with_loads_averaged_over_steps():
+    lm = tiny_moe("qwen2_moe").train()
+    first, second = (lm(input_ids=_batch(seed)["input_ids"], output_router_logits=True).router_logits
+                     for seed in (0, 1))
+    # a horizon of one step is the per-batch loss
+    torch.testing.assert_close(global_balance_loss(first, 2, GlobalLoads(1), update=True), balance_loss(first, 2))
+    # two steps of horizon 2: the bias-corrected average (A/2 + B) / (3/2) of the two steps' selection shares
+    loads = GlobalLoads(2)
+    global_balance_loss(first, 2, loads, update=True)
+    loss = global_balance_loss(second, 2, loads, update=True)
+
+    def shares(logits):
+        probs = torch.stack([x.reshape(-1, x.shape[-1]) for x in logits if x is not None]).softmax(-1)
+        return torch.nn.functional.one_hot(probs.topk(2, dim=-1).indices, probs.shape[-1]).sum(-2).float().mean(1), probs
+
+    (a, _), (b, probs) = shares(first), shares(second)
+    expected = probs.shape[-1] * (((a / 2 + b) / 1.5) * probs.mean(1)).sum(-1).mean()
+    torch.testing.assert_close(loss, expected)
+    # evaluation reads the average without adding to it; the gradient reaches the routers through the probabilities
+    before = loads.mean.clone()
+    global_balance_loss(second, 2, loads, update=False).backward()
+    assert torch.equal(loads.mean, before)
+    assert all(r.weight.grad is not None for name, r in lm.named_modules() if name.endswith("mlp.gate"))
+    with pytest.raises(ValueError, match="balance horizon must be >= 1 step, got 0"):
+        GlobalLoads(0)
 
 
 def test_locality_gradient_reaches_every_router():

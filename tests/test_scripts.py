@@ -82,3 +82,27 @@ def test_compare_runs_checks_each_claim_against_the_other_runs_interval(tmp_path
     gain = table.loc["02 teacher-forced ecr_gain"]
     assert gain.status == "compared" and not gain.second_mean_in_first_interval
     assert table.loc["02 teacher-forced ppl_cost", "second_mean_in_first_interval"]
+
+
+def test_pretrain_probe_reads_settings_and_tables_the_last_evaluation(tmp_path, monkeypatch):
+    """A setting names vocabulary, balance weight, steps and (optionally) the balance horizon; bad ones fail in one
+    line; `table` keeps each setting's last evaluation and every evaluation as curves."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pretrain_probe
+
+    assert pretrain_probe.parse_setting("v8192,aux0.03,600") == (8192, 0.03, 600, 0)
+    assert pretrain_probe.parse_setting("v4096,aux0.01,1200,h32") == (4096, 0.01, 1200, 32)
+    for bad in ("v8192,aux0.03", "x8192,aux0.03,600", "v8192,aux0.03,600,32", "v8192,auxy,600"):
+        with pytest.raises(ValueError, match=f"setting '{bad}' is not valid; use"):
+            pretrain_probe.parse_setting(bad)
+    probe = tmp_path / "probe.json"
+    evals = [{"step": s, "eval_loss": 6 - s / 100, "heldout_ecr_over_k_e": 1 + s / 100,
+              "heldout_max_load_ratio": 3.0} for s in (60, 120)]
+    probe.write_text(json.dumps([{"setting": "v8192,aux0.03,120,h32", "vocab": 8192, "aux_loss_coef": 0.03,
+                                  "steps": 120, "balance_horizon": 32, "seconds": 1.0, "evals": evals}]))
+    monkeypatch.setattr(pretrain_probe, "ROOT", tmp_path)
+    pretrain_probe.table("cpu", probe, "trial", "")
+    folder = tmp_path / "results" / "00_base_model" / "pretrain_probe"
+    final, curves = pd.read_csv(folder / "trial.csv"), pd.read_csv(folder / "trial_curves.csv")
+    assert final.step.tolist() == [120] and final.heldout_ecr_over_k_e.tolist() == [2.2] and len(curves) == 2
+    assert "v8192,aux0.03,120,h32" in json.loads((folder / "trial.json").read_text())["command"]

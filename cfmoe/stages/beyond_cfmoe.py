@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 
 import numpy as np
 import pandas as pd
@@ -51,7 +52,8 @@ REMOE_WEIGHT_FACTORS = (0.3, 1.0, 3.0, 10.0)
 
 def _ids(cfg: StudyConfig, tokenizer, split: str) -> torch.Tensor:
     """The split's teacher-forced requests: its blocks, cut into `beyond.decode_window`-token windows if set."""
-    tokens = cfg.router_design.eval_tokens if split == "validation" else cfg.finetune.eval_tokens
+    tokens = ((cfg.beyond.validation_tokens or cfg.router_design.eval_tokens) if split == "validation"
+              else cfg.finetune.eval_tokens)
     ids = torch.as_tensor(evaluate.test_blocks(tokenizer, cfg.finetune.block_size, tokens, split)["input_ids"])
     window = cfg.beyond.decode_window or ids.shape[1]
     return ids.reshape(-1, window)
@@ -163,7 +165,13 @@ def _val_scores(cfg: StudyConfig, name: str, lm, tokenizer) -> dict:
     return {"val_ppl": scores["test_ppl"], "val_ecr": scores["test_ecr"]}
 
 
+def _progress(started: float, what: str) -> None:
+    """One line per phase with the seconds since the stage started (the gpu chain's log shows where time goes)."""
+    print(f"[{NOTEBOOK}] {what} at {time.perf_counter() - started:.0f} s", flush=True)
+
+
 def _compute(cfg: StudyConfig, force: bool = False) -> dict:
+    started = time.perf_counter()
     make_deterministic(cfg.seed, cfg.threads)
     out = cfg.results_dir(NOTEBOOK)
     ft = cfg.finetune
@@ -173,6 +181,7 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     blocks = finetune.finetune_blocks(tokenizer, ft.block_size)
     ids = {split: _ids(cfg, tokenizer, split) for split in ("validation", "test")}
     remoe_weight, remoe_sweep = _remoe_weight(cfg, base, tokenizer, blocks, choice, info.top_k)
+    _progress(started, "ReMoE weight chosen")
 
     rows, sweep_rows, by_seed, deltas = [], [], {}, {}
     for seed in ft.seeds:
@@ -181,6 +190,7 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                                   top_k=info.top_k, seed=seed, device=cfg.device, method="router_kl",
                                   anchor_weight=ANCHOR_WEIGHT)
         remoe = runs.save_finetuned(cfg, "remoe", train.model, tokenizer, seed)
+        _progress(started, f"seed {seed}: models ready")
         tuned = by_seed[seed] = {"lora_control": models["lora_control"], "remoe": remoe, "cfmoe": models["cfmoe"]}
         # Δ of each model the prior runs on, once per seed
         deltas[seed] = {STACKS[alone][0]: router_spread(tuned[STACKS[alone][0]], ids["validation"][:8])
@@ -201,6 +211,7 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                                    deltas[seed][run])
             sweep_rows += [{"method": method, "seed": seed, "lam": lam, "val_ppl": point["ppl"],
                             "val_misses_per_token": point["misses_per_token"]} for lam, point in zip(LAMBDAS, points)]
+        _progress(started, f"seed {seed}: λ swept")
         del models, train
     sweep = pd.DataFrame(sweep_rows)
     alone = pd.DataFrame(rows)
@@ -227,9 +238,12 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                 rows.append({**point, "policy": "opt",
                              "decode_misses_per_token": replay(test["experts"], share, "opt", info.n_experts,
                                                                info.top_k)})
+    _progress(started, "chosen λ decoded")
     quality = pd.DataFrame([row for seed in ft.seeds
                             for row in generated_quality(cfg, by_seed[seed], deltas[seed], seed, chosen, tokenizer)])
+    _progress(started, "generated text scored")
     engine = engine_measurements(cfg, by_seed[ft.seeds[0]], chosen, deltas[ft.seeds[0]], tokenizer)
+    _progress(started, "engine measured")
     methods = with_changes(pd.DataFrame(rows))
     summary = stats.summarize(methods, ["method", "cache_share", "policy"],
                               ["decode_misses_per_token", "misses_vs_control", "val_ppl", "test_ppl",
