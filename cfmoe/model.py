@@ -61,7 +61,10 @@ def build_config(cfg: StudyConfig, tokenizer) -> Qwen2MoeConfig:
 
 def build_fingerprint(cfg: StudyConfig) -> str:
     """Hash of everything the base model depends on; a saved model with another hash is rebuilt."""
-    inputs = {"model": asdict(cfg.model), "pretrain": asdict(cfg.pretrain), "seed": cfg.seed,
+    pretrain = asdict(cfg.pretrain)
+    if not pretrain["balance_horizon"]:  # per-batch balance, as before the option: models built then stay current
+        del pretrain["balance_horizon"]
+    inputs = {"model": asdict(cfg.model), "pretrain": pretrain, "seed": cfg.seed,
               "threads": cfg.threads, "device": cfg.device, "data": data.CHECKSUMS,
               "heldout_articles_every": data.HELDOUT_EVERY, "heldout_eval_blocks": HELDOUT_EVAL_BLOCKS}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]

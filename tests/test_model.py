@@ -85,3 +85,15 @@ def test_dense_causal_lm_is_rejected(tmp_path):
 def test_build_record_is_json(smoke_model_dir):
     record = json.loads((smoke_model_dir / model.BUILD_FILE).read_text())
     assert record["config"]["preset"] == "smoke" and record["train_tokens_per_second"] > 0
+
+
+def test_the_base_models_fingerprint_names_the_balance_horizon_only_when_set():
+    """Per-batch balance (horizon 0) hashes as before the option existed, so models built then stay current (the
+    cpu preset's fingerprint at a1cafa4, before the option; a change to the cpu preset's model or pre-training,
+    the data or the seed changes it, and this value with it); a horizon is another model."""
+    import dataclasses
+
+    cfg = load_config("cpu")
+    assert model.build_fingerprint(cfg) == "4a5c304f53c247ff"
+    global_balance = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, balance_horizon=32))
+    assert model.build_fingerprint(global_balance) != model.build_fingerprint(cfg)
