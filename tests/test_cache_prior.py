@@ -231,6 +231,29 @@ def test_decode_windows_cut_blocks_in_order(monkeypatch):
     assert windows.shape == (6, 4) and windows.reshape(-1).tolist() == blocks.reshape(-1).tolist()
 
 
+def test_validation_passes_read_beyond_validation_tokens_else_the_router_designs(monkeypatch):
+    """How many tokens notebook 06 asks of each split: validation from `beyond.validation_tokens` when set (the gpu
+    preset), else `router_design.eval_tokens`; test always `finetune.eval_tokens`."""
+    import dataclasses
+
+    from cfmoe import evaluate
+    from cfmoe.config import load_config
+    from cfmoe.stages import beyond_cfmoe
+
+    asked = []
+    monkeypatch.setattr(evaluate, "test_blocks", lambda tok, block, tokens, split: asked.append((split, tokens))
+                        or {"input_ids": np.zeros((2, block), dtype=np.int64)})
+    cfg = load_config("smoke")
+    for split in ("validation", "test"):
+        beyond_cfmoe._ids(cfg, None, split)
+    cfg = dataclasses.replace(cfg, beyond=dataclasses.replace(cfg.beyond, validation_tokens=4096))
+    for split in ("validation", "test"):
+        beyond_cfmoe._ids(cfg, None, split)
+    assert asked == [("validation", cfg.router_design.eval_tokens), ("test", cfg.finetune.eval_tokens),
+                     ("validation", 4096), ("test", cfg.finetune.eval_tokens)]
+    assert load_config("gpu").beyond.validation_tokens == 32768
+
+
 def reference_access(cache_, layer, experts):
     """The slow reference of `OnlineCache.access` (plain numpy, one slot at a time over all rows)."""
     rows = np.arange(cache_.rows)
