@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 preset="${CFMOE_PRESET:-gpu}"
 for group in "$@"; do
   started=$(date +%s)
+  echo "[run ] $group (at $(date +%T))"
   IFS=+ read -ra stages <<< "$group"
   if [ "${#stages[@]}" -eq 1 ]; then
     python3 -m cfmoe.stages "$group" --preset "$preset"
@@ -21,5 +22,5 @@ for group in "$@"; do
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
   fi
-  echo "[done] $group in $(( $(date +%s) - started ))s"
+  echo "[done] $group in $(( $(date +%s) - started ))s (at $(date +%T))"
 done
