@@ -404,9 +404,10 @@ def validate(cfg: StudyConfig, where: str = "config") -> None:
              "serving.full_tier": ((cfg.serving.full_tier,), cfg.serving.tiers),
              "serving.partial_modes": (cfg.serving.partial_modes, serving_sim.MODES),
              "serving.mode_runs": (cfg.serving.mode_runs, cfg.serving.runs)}
+    may_be_empty = {"serving.mode_runs"}  # empty: every run in every mode
     for name, (given, valid) in names.items():
         unknown = [value for value in given if value not in valid]
-        if unknown or (not given and name != "serving.mode_runs"):
+        if unknown or (not given and name not in may_be_empty):
             _fail(where, name, unknown[0] if unknown else list(given), f"valid: {', '.join(valid)}")
     if "unified" not in cfg.serving.partial_modes:
         _fail(where, "serving.partial_modes", list(cfg.serving.partial_modes),

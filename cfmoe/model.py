@@ -21,7 +21,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer,
                           TrainingArguments)
 
 from . import data
-from .config import StudyConfig
+from .config import PretrainConfig, StudyConfig
 from .determinism import make_deterministic
 from .training import MoETrainer
 
@@ -59,11 +59,16 @@ def build_config(cfg: StudyConfig, tokenizer) -> Qwen2MoeConfig:
     )
 
 
+# pre-training options added after models were built: hashed only when set away from their default, so that a
+# model built before an option existed (which trained as its default does) stays current
+LATER_PRETRAIN_OPTIONS = ("balance_horizon",)
+
+
 def build_fingerprint(cfg: StudyConfig) -> str:
     """Hash of everything the base model depends on; a saved model with another hash is rebuilt."""
-    pretrain = asdict(cfg.pretrain)
-    if not pretrain["balance_horizon"]:  # per-batch balance, as before the option: models built then stay current
-        del pretrain["balance_horizon"]
+    defaults = PretrainConfig()
+    pretrain = {k: v for k, v in asdict(cfg.pretrain).items()
+                if k not in LATER_PRETRAIN_OPTIONS or v != getattr(defaults, k)}
     inputs = {"model": asdict(cfg.model), "pretrain": pretrain, "seed": cfg.seed,
               "threads": cfg.threads, "device": cfg.device, "data": data.CHECKSUMS,
               "heldout_articles_every": data.HELDOUT_EVERY, "heldout_eval_blocks": HELDOUT_EVAL_BLOCKS}

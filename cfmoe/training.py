@@ -46,7 +46,11 @@ class GlobalLoads:
         shares = shares.detach().float()
         self.mean = (1 - self.decay) * shares if self.mean is None else self.decay * self.mean + (1 - self.decay) * shares
         self.steps += 1
-        return self.mean / (1 - self.decay ** self.steps)
+        return self.average()
+
+    def average(self) -> torch.Tensor | None:
+        """The bias-corrected average of the steps added so far (None before the first)."""
+        return None if self.mean is None else self.mean / (1 - self.decay ** self.steps)
 
 
 def global_balance_loss(router_logits, top_k: int, loads: GlobalLoads, update: bool) -> torch.Tensor:
@@ -61,7 +65,7 @@ def global_balance_loss(router_logits, top_k: int, loads: GlobalLoads, update: b
     if update:
         shares = loads.update(shares)
     elif loads.mean is not None:
-        shares = loads.mean / (1 - loads.decay ** loads.steps)
+        shares = loads.average()
     return n_experts * (shares * probs.mean(1)).sum(-1).mean()
 
 

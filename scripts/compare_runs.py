@@ -3,8 +3,8 @@ a fresh clone's after its own `./run_all.sh`), each claim's mean and 95% interva
 
     python scripts/compare_runs.py /path/to/fresh/results --label "fresh clone, same machine type"
 
-Writes `results/chain/second_run.{csv,md}` (+ sidecar; `results/chain/<preset>/` for another preset). A claim's row says whether each run's mean lies inside
-the other's interval. A table whose sidecar names the same commit on both sides is the same
+Writes `results/chain/second_run.{csv,md}` (+ sidecar; `results/chain/<preset>/` for another preset). A claim's
+row says whether each run's mean lies inside the other's interval. A table whose sidecar names the same commit on both sides is the same
 run (a notebook the second chain did not reach): its rows are marked `same run` and not compared.
 """
 
@@ -97,8 +97,7 @@ def main(argv=None) -> None:
     first = Path(args.first) if args.first else results_root()
     table = compare(first, Path(args.second), args.preset)
     save_table(table, results_root() / results_subdir("chain", args.preset) / "second_run", load_config(args.preset),
-               label=args.label,
-               first=str(first), second=str(args.second),
+               label=args.label, first=str(first), second=str(args.second),
                note="mean [95% interval] of each headline quantity in two runs of the chain")
     shown = table.assign(first=[stats.format_interval((r.first_mean, r.first_low, r.first_high), "+.4f")
                                 for r in table.itertuples()],

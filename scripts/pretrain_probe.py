@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     parser.add_argument("action", choices=["export", "run", "table"])
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--vocab", type=int, nargs="+", default=[8192])
-    parser.add_argument("--grid", nargs="+", default=[], help="settings 'v<vocab>,aux<weight>,<steps>'")
+    parser.add_argument("--grid", nargs="+", default=[], help="settings 'v<vocab>,aux<weight>,<steps>[,h<horizon>]'")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per setting (settings run in parallel)")
     parser.add_argument("--out", default=str(DATA / "probe.json"))
