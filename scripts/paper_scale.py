@@ -9,7 +9,6 @@ study's routing, resident and through the offloading engine; writes results/05_s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,19 +24,24 @@ from cfmoe.stages import serving  # noqa: E402
 
 STREAMS = ROOT / "artifacts" / "cpu" / "paper_scale"
 EMULATED = claims.EDGE_DEVICES["cpu"][1]  # the authors' flash, GB/s: an emulated (sleep-throttled) tier
+# Planned for one measuring process of at most two 10-minute device calls (one set-up, ~100 s; ~10 s an engine run
+# on an H100 at 32 decode tokens): the grids run in the order given on the command line, most important first.
 GRIDS = {
-    # every share for the three routing sources under LRU, LFU at two shares, on pinned host memory
-    "host": [{"tier": "host", "share": s, "policy": "lru", "sources": serving.STREAM_RUNS}
-             for s in (0.0625, 0.25, 0.5, 0.75)]
-            + [{"tier": "host", "share": s, "policy": "lfu", "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
+    # the paper's claim: the control's and CFMoE's tokens/s by share (memory saved at equal tokens/s), LRU
+    "host": [{"tier": "host", "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")}
+             for s in (0.0625, 0.125, 0.25, 0.5, 0.75)],
+    # base's routing and the other policies (LFU, and LFU with aging, the peers issue's best) at a quarter cached
+    "host_policies": [{"tier": "host", "share": 0.25, "policy": "lru", "sources": ("base",)}]
+                     + [{"tier": "host", "share": 0.25, "policy": p, "sources": ("lora_control", "cfmoe")}
+                        for p in ("lfu", "lfu_aging")],
     "emulated": [{"tier": "throttled", "gbps": EMULATED, "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")}
                  for s in (0.25, 0.5)],
     "smoke": [{"tier": "host", "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
-    # long prompts beside decode (issue: where does disaggregated prefill pay?): CFMoE's routing, 25% cached, LRU
+    # long prompts beside decode (issue: where does disaggregated prefill pay?): CFMoE's routing, 25% cached, LRU,
+    # one request at a time (the engine's limit is for single requests)
     "long_prompts": [{"tier": "host", "share": 0.25, "policy": "lru", "mode": mode, "prompt_tokens": prompt,
-                      "concurrent": concurrent, "sources": ("cfmoe",)}
-                     for mode in ("unified", "disaggregated", "disaggregated_warm") for prompt in (64, 1024, 4096)
-                     for concurrent in (1, 4)],
+                      "concurrent": 1, "sources": ("cfmoe",)}
+                     for mode in ("unified", "disaggregated") for prompt in (64, 1024, 4096)],
 }
 SEPARATE = {"long_prompts"}  # grids kept out of measurements.csv (their own question): long_prompts_<table>.csv
 
@@ -46,7 +50,8 @@ SEPARATE = {"long_prompts"}  # grids kept out of measurements.csv (their own que
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["export", "measure", "summarize"])
-    parser.add_argument("--grid", choices=list(GRIDS), default="host")
+    parser.add_argument("--grid", choices=list(GRIDS), nargs="+", default=["host"],
+                        help="grids measured one after another on one set-up, in this order")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=1)
@@ -70,20 +75,26 @@ def main(argv=None) -> None:
               "num_key_value_heads": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
               "vocab_size": 1024} if args.tiny else {}
     started = time.perf_counter()
-    out = serving.paper_scale_measure(streams, GRIDS[args.grid], repeats=args.repeats, new_tokens=args.new_tokens,
-                                      requests=args.requests, device=args.device, store_path=args.store,
-                                      dtype_name="float32" if args.tiny else "bfloat16", budget_s=args.budget_s,
-                                      **shrink)
     folder = Path(args.out)
-    name = (lambda table: f"{args.grid}_{table}") if args.grid in SEPARATE else (lambda table: f"{table}_{args.grid}")
-    extra = {"grid": args.grid, "repeats": args.repeats, "new_tokens": args.new_tokens, "requests": args.requests,
-             "seconds": round(time.perf_counter() - started, 1), "sizes": vars(out["sizes"]),
-             "layer_map": "stand-in MoE layer floor(l * 6 / 27) for paper MoE layer l (routing.default_layer_map)"}
-    save_table(out["measurements"], folder / name("measurements"), cfg, **extra)
-    save_table(out["resident"], folder / name("resident"), cfg, **extra)
-    save_table(out["meta"], folder / name("machine"), cfg, **extra)
-    print(json.dumps(extra["seconds"]), out["measurements"].groupby(serving.LONG_PROMPT_KEYS)[
-        ["tokens_per_s", "hit_rate", "ttft_s"]].median().to_string())
+    common = {"repeats": args.repeats, "new_tokens": args.new_tokens, "requests": args.requests, "grids": args.grid,
+              "layer_map": "stand-in MoE layer floor(l * 6 / 27) for paper MoE layer l (routing.default_layer_map)"}
+
+    def write(grid: str, measured, setup: dict) -> None:
+        """One grid's tables as soon as it ends, with the set-up's (resident tokens/s, machine) beside them."""
+        name = (lambda table: f"{grid}_{table}") if grid in SEPARATE else (lambda table: f"{table}_{grid}")
+        extra = {**common, "grid": grid, "seconds": round(time.perf_counter() - started, 1),
+                 "sizes": vars(setup["sizes"])}
+        save_table(measured.drop(columns="grid"), folder / name("measurements"), cfg, **extra)
+        save_table(setup["resident"], folder / name("resident"), cfg, **extra)
+        save_table(setup["meta"], folder / name("machine"), cfg, **extra)
+        print(f"{grid}: {len(measured)} runs at {extra['seconds']} s", measured.groupby(serving.LONG_PROMPT_KEYS)[
+            ["tokens_per_s", "hit_rate", "ttft_s"]].median().to_string(), flush=True)
+
+    settings = [{**setting, "grid": grid} for grid in args.grid for setting in GRIDS[grid]]
+    serving.paper_scale_measure(streams, settings, repeats=args.repeats, new_tokens=args.new_tokens,
+                                requests=args.requests, device=args.device, store_path=args.store,
+                                dtype_name="float32" if args.tiny else "bfloat16", budget_s=args.budget_s,
+                                on_grid=write, **shrink)
 
 
 def summarize(cfg, folder: Path) -> None:

@@ -55,14 +55,13 @@ def test_prediction_calibrates_a_floor_and_a_per_expert_load_time():
     assert row.authors_model_tokens_per_s == pytest.approx(1 / ((1e6 + 2e6 * 0.25) / 1e9 + 2e6 * 0.75 / 1e8))
 
 
-def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
-    """The GPU measurement's code path, on a tiny model of the paper-scale structure: replayed streams, resident
-    and engine runs in a seeded order, the limit, memory saved with an interval."""
+def _tiny_streams() -> dict:
+    """Two replayable streams (requests of 6 prompt + 10 decode tokens, 2 stand-in layers), CFMoE's more local."""
     from cfmoe.routing import RoutingTrace
 
     rng = np.random.default_rng(0)
 
-    def stream(keep):  # requests of 6 prompt + 10 decode tokens, 2 stand-in layers; `keep` sets locality
+    def stream(keep):  # `keep` sets locality
         experts = [rng.choice(64, 6, replace=False) for _ in range(2)]
         rows = []
         for _ in range(3 * 16):
@@ -72,11 +71,19 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
         phase = np.tile(np.r_[np.zeros(6, int), np.ones(10, int)], 3)
         return RoutingTrace(np.array(rows), None, phase, np.zeros(48, int), 64, {"requests": [[6, 10]] * 3})
 
-    streams = {"lora_control": stream(0.2), "cfmoe": stream(0.8)}
+    return {"lora_control": stream(0.2), "cfmoe": stream(0.8)}
+
+
+TINY_PAPER_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+                    "num_key_value_heads": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32,
+                    "vocab_size": 1024}
+
+
+def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    """The GPU measurement's code path, on a tiny model of the paper-scale structure: replayed streams, resident
+    and engine runs in a seeded order, the limit, memory saved with an interval."""
+    streams, shrink = _tiny_streams(), TINY_PAPER_MODEL
     settings = [{"tier": "host", "share": s, "policy": "lru", "sources": tuple(streams)} for s in (0.25, 0.5, 0.75)]
-    shrink = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-              "num_key_value_heads": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32,
-              "vocab_size": 1024}
     out = serving_study.paper_scale_measure(streams, settings, repeats=2, new_tokens=6, requests=2, device="cpu",
                                             store_path=tmp_path / "store.safetensors", dtype_name="float32", **shrink)
     m = out["measurements"]
@@ -118,3 +125,26 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
     medians = results["medians"]
     assert len(medians) == 3 * 2 and (medians.repeats == 2).all()
     assert {"tokens_per_s", "tokens_per_s_q25", "tokens_per_s_q75", "of_limit", "of_resident"} <= set(medians.columns)
+
+
+def test_paper_scale_grids_run_one_after_another_and_each_is_handed_over_as_it_ends(tmp_path):
+    """Several grids on one set-up: each grid's runs together (in its own random order), `on_grid` called once per
+    grid as it ends, in the order given; a budget that is spent stops the runs and hands over what ran."""
+    streams = _tiny_streams()
+    settings = [{"tier": "host", "share": 0.5, "policy": "lru", "sources": tuple(streams), "grid": "b"},
+                {"tier": "host", "share": 0.25, "policy": "lfu", "sources": ("cfmoe",), "grid": "a"}]
+    handed = []
+    out = serving_study.paper_scale_measure(streams, settings, repeats=2, new_tokens=4, requests=1, device="cpu",
+                                            store_path=tmp_path / "store.safetensors", dtype_name="float32",
+                                            on_grid=lambda grid, m, setup: handed.append((grid, m, setup)),
+                                            **TINY_PAPER_MODEL)
+    m = out["measurements"]
+    assert [grid for grid, _, _ in handed] == ["b", "a"] and list(m.grid) == ["b"] * 4 + ["a"] * 2
+    assert handed[0][1].share.eq(0.5).all() and len(handed[0][1]) == 4 and handed[1][1].policy.eq("lfu").all()
+    assert {"of_limit", "of_resident"} <= set(handed[1][1].columns) and handed[1][2]["resident"] is out["resident"]
+    cut = []
+    spent = serving_study.paper_scale_measure(streams, settings, repeats=2, new_tokens=4, requests=1, device="cpu",
+                                              store_path=tmp_path / "store.safetensors", dtype_name="float32",
+                                              budget_s=1e-9, on_grid=lambda grid, m, setup: cut.append(grid),
+                                              **TINY_PAPER_MODEL)
+    assert spent["measurements"].empty and cut == []

@@ -632,17 +632,20 @@ def _prompt_ids(rows: int, length: int, seed: int) -> torch.Tensor:
 def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, new_tokens: int = 32,
                         requests: int = 2, warm_tokens: int = 8, seed: int = 0, device: str = "cuda",
                         store_path="artifacts/paper_scale/store.safetensors", dtype_name: str = "bfloat16",
-                        budget_s: float = 0.0, **shrink) -> dict[str, pd.DataFrame]:
+                        budget_s: float = 0.0, on_grid=None, **shrink) -> dict[str, pd.DataFrame]:
     """Resident and offloaded decode tokens/s of the paper-scale model replaying each stream.
 
     `settings`: dicts with `tier` ("host" or "throttled"), `share`, `policy`, `sources` (stream names) and, for
-    the throttled tier, `gbps`; optionally `mode` (default disaggregated), and `prompt_tokens` with `concurrent`
-    (batches of that many requests with prompts of that length, instead of the recorded requests).
-    Every (setting, source, repeat) runs in one seeded random order; each run
+    the throttled tier, `gbps`; optionally `mode` (default disaggregated), `prompt_tokens` with `concurrent`
+    (batches of that many requests with prompts of that length, instead of the recorded requests), and `grid`
+    (a name: grids run one after another in the order given, on one model, store and engine).
+    Each grid's (setting, source, repeat) runs in its own seeded random order; each run
     reconfigures the one engine (an empty cache of `share` of the routed experts), warms it with
     `warm_tokens` tokens of the stream's last request, then serves `requests` requests of `new_tokens` tokens,
     the cache carried over. Resident runs come first, per source, the same way. With `budget_s`, no engine run
-    starts after that many seconds (the random order keeps what ran balanced); the table says how many ran."""
+    starts after that many seconds (the random order keeps what ran of a grid balanced); the table says how many
+    ran. `on_grid(name, measurements, setup)` is called as each grid ends (a long session keeps what it measured;
+    `setup`: the resident runs, the machine and the sizes, as returned)."""
     started = time.perf_counter()
     device = torch.device(device)
     lm = paper_scale_model(device, getattr(torch, dtype_name), **shrink)
@@ -704,8 +707,25 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
 
     engine = OffloadEngine(lm, store_path, info.top_k, tier="host", verify=False)  # writes the store: just made
     copy_gbps = engine.expert_bytes / measure_load_seconds(engine.store, device=device) / 1e9
-    runs_, rows = [(dict(s), source, r) for s in settings for source in s["sources"] for r in range(repeats)], []
-    for index in rng.permutation(len(runs_)):
+    setup = {"resident": resident, "sizes": sizes,
+             "meta": pd.DataFrame([{"experts_implementation": implementation, "implementation_tokens_per_s": speeds,
+                                    "copy_gbps": copy_gbps, "expert_bytes": engine.expert_bytes,
+                                    "routed_experts": n_routed, "resident_bytes": info.resident_bytes,
+                                    "layers": len(info.layers), "device": torch.cuda.get_device_name(device)
+                                    if device.type == "cuda" else "cpu"}])}
+    grids = list(dict.fromkeys(s.get("grid", "") for s in settings))
+    runs_ = [(dict(s), source, r) for grid in grids for s in settings if s.get("grid", "") == grid
+             for source in s["sources"] for r in range(repeats)]
+    sizes = [sum(s.get("grid", "") == grid for s, _, _ in runs_) for grid in grids]  # runs_ is grouped by grid
+    order = np.concatenate([start + rng.permutation(n) for start, n in zip(np.cumsum([0] + sizes[:-1]), sizes)])
+    rows, finished = [], []
+
+    def done(grid):
+        finished.append(grid)
+        if on_grid is not None:
+            on_grid(grid, _with_ratios(pd.DataFrame([r for r in rows if r["grid"] == grid])), setup)
+
+    for position, index in enumerate(order):
         if budget_s and time.perf_counter() - started > budget_s:
             print(f"budget of {budget_s:.0f} s reached after {len(rows)} of {len(runs_)} engine runs", flush=True)
             break
@@ -739,17 +759,22 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
                      "load_share": frame.decode_load_seconds.sum() / frame.decode_s.sum(),
                      "load_gbps": frame.decode_bytes_read.sum() / max(frame.decode_load_seconds.sum(), 1e-12) / 1e9,
                      "expert_mb": engine.expert_bytes / 1e6,
-                     "memory_gb": (info.resident_bytes + engine.pool_bytes) / 1e9, "decode_steps": steps})
-    measured = pd.DataFrame(rows)
-    measured["of_limit"] = measured.tokens_per_s / measured.limit_tokens_per_s
-    measured["of_resident"] = measured.tokens_per_s / measured.resident_tokens_per_s
-    return {"measurements": measured, "resident": resident,
-            "meta": pd.DataFrame([{"experts_implementation": implementation, "implementation_tokens_per_s": speeds,
-                                   "copy_gbps": copy_gbps,
-                                   "expert_bytes": engine.expert_bytes, "routed_experts": n_routed,
-                                   "resident_bytes": info.resident_bytes, "layers": len(info.layers),
-                                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}]),
-            "sizes": sizes}
+                     "memory_gb": (info.resident_bytes + engine.pool_bytes) / 1e9, "decode_steps": steps,
+                     "grid": setting.get("grid", "")})
+        if position + 1 == len(order) or runs_[order[position + 1]][0].get("grid", "") != rows[-1]["grid"]:
+            done(rows[-1]["grid"])
+    if rows and rows[-1]["grid"] not in finished:  # the budget cut this grid short: keep what it measured
+        done(rows[-1]["grid"])
+    measured = _with_ratios(pd.DataFrame(rows))
+    return {"measurements": measured, **setup}
+
+
+def _with_ratios(measured: pd.DataFrame) -> pd.DataFrame:
+    """`of_limit` and `of_resident`: tokens/s against the physical limit and against the resident model."""
+    if measured.empty:  # no engine run started within the budget
+        return measured
+    return measured.assign(of_limit=measured.tokens_per_s / measured.limit_tokens_per_s,
+                           of_resident=measured.tokens_per_s / measured.resident_tokens_per_s)
 
 
 def paper_scale_saved(measured: pd.DataFrame, baseline: str = "lora_control", candidate: str = "cfmoe",
