@@ -146,6 +146,7 @@ def paper_text() -> dict[str, str]:
         "daft": "fewer parameters, same effect",
         "serving": "disaggregation protects the decode cache",
         "engine_memory": f"{memory} (cost model, not measured)",
+        "engine_paper_scale": f"{memory} (cost model, not measured)",
         "engine_modes": "—",
         "engine_model": "memory-bound model, not checked against measurements",
         "prefetch": "— (not in the paper)",

@@ -78,6 +78,25 @@ def test_memory_and_generated_ecr_rows_show_the_control_baseline_interval_and_n(
            "(04_ecr_wikitext/summary.csv)" in generated
 
 
+def test_paper_scale_row_gives_each_reached_share_with_its_interval_against_the_papers(tmp_path):
+    base = {"baseline": "lora_control", "tier": "host", "policy": "lru", "repeats": 5, "tokens_per_s": 9.0}
+    write(tmp_path, "05_serving", "paper_scale/memory_saved", [
+        {**base, "share": 0.0625, "memory_baseline_gb": 6.0},  # CFMoE never as slow: no level
+        {**base, "share": 0.25, "memory_baseline_gb": 12.0, "memory_saved": 0.2, "saved_mb": 2400.0,
+         "memory_saved_low": 0.1, "memory_saved_high": 0.3},
+        {**base, "share": 0.5, "memory_baseline_gb": 20.0, "memory_saved": 0.4, "saved_mb": 8000.0,
+         "memory_saved_low": 0.3, "memory_saved_high": 0.45},
+        {**base, "policy": "lfu", "share": 0.25, "memory_baseline_gb": 12.0, "memory_saved": 0.9, "saved_mb": 1.0,
+         "memory_saved_low": 0.9, "memory_saved_high": 0.9}])  # another policy: not this row
+    text = report.build(tmp_path)
+    row = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    cell = row[report.ROWS["engine_paper_scale"]]
+    assert "[CFMoE vs control at the control's tokens/s with 25% cached: −20.0% [−30.0%, −10.0%] (2.40 of 12.00 GB, " \
+           "below the paper's); 50% cached: −40.0% [−45.0%, −30.0%] (8.00 of 20.00 GB, covers the paper's); medians " \
+           "of 5 repeats](05_serving/paper_scale/memory_saved.csv)" in cell, cell
+    assert "6%" not in cell and "−90.0%" not in cell and cell.endswith("| — |")
+
+
 def test_committed_summary_matches_the_committed_tables():
     assert (ROOT / "results" / "summary.md").read_text() == report.build(ROOT / "results")
 
