@@ -716,8 +716,8 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
     grids = list(dict.fromkeys(s.get("grid", "") for s in settings))
     runs_ = [(dict(s), source, r) for grid in grids for s in settings if s.get("grid", "") == grid
              for source in s["sources"] for r in range(repeats)]
-    sizes = [sum(s.get("grid", "") == grid for s, _, _ in runs_) for grid in grids]  # runs_ is grouped by grid
-    order = np.concatenate([start + rng.permutation(n) for start, n in zip(np.cumsum([0] + sizes[:-1]), sizes)])
+    counts = [sum(s.get("grid", "") == grid for s, _, _ in runs_) for grid in grids]  # runs_ is grouped by grid
+    order = np.concatenate([start + rng.permutation(n) for start, n in zip(np.cumsum([0] + counts[:-1]), counts)])
     rows, finished = [], []
 
     def done(grid):
