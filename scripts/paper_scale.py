@@ -36,7 +36,6 @@ GRIDS = {
                         for p in ("lfu", "lfu_aging")],
     "emulated": [{"tier": "throttled", "gbps": EMULATED, "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")}
                  for s in (0.25, 0.5)],
-    "smoke": [{"tier": "host", "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
     # long prompts beside decode (issue: where does disaggregated prefill pay?): CFMoE's routing, 25% cached, LRU,
     # one request at a time (the engine's limit is for single requests)
     "long_prompts": [{"tier": "host", "share": 0.25, "policy": "lru", "mode": mode, "prompt_tokens": prompt,

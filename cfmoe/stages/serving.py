@@ -714,57 +714,51 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
                                     "layers": len(info.layers), "device": torch.cuda.get_device_name(device)
                                     if device.type == "cuda" else "cpu"}])}
     grids = list(dict.fromkeys(s.get("grid", "") for s in settings))
-    runs_ = [(dict(s), source, r) for grid in grids for s in settings if s.get("grid", "") == grid
-             for source in s["sources"] for r in range(repeats)]
-    counts = [sum(s.get("grid", "") == grid for s, _, _ in runs_) for grid in grids]  # runs_ is grouped by grid
-    order = np.concatenate([start + rng.permutation(n) for start, n in zip(np.cumsum([0] + counts[:-1]), counts)])
-    rows, finished = [], []
+    by_grid = {grid: [(dict(s), source, r) for s in settings if s.get("grid", "") == grid
+                      for source in s["sources"] for r in range(repeats)] for grid in grids}
+    total, rows = sum(map(len, by_grid.values())), []
+    for grid, runs_ in by_grid.items():
+        measured_before = len(rows)
+        for index in rng.permutation(len(runs_)):
+            if budget_s and time.perf_counter() - started > budget_s:
+                break
+            setting, source, repeat = runs_[index]
+            tier, gbps = setting["tier"], setting.get("gbps")
+            capacity = int(max(info.top_k, round(setting["share"] * n_routed)))
+            mode, batch = setting.get("mode", "disaggregated"), setting.get("concurrent", 1)
+            engine.reconfigure(capacity, setting["policy"], mode=mode, tier=tier, bandwidth_gbps=gbps)
 
-    def done(grid):
-        finished.append(grid)
-        if on_grid is not None:
-            on_grid(grid, _with_ratios(pd.DataFrame([r for r in rows if r["grid"] == grid])), setup)
+            def engine_generate(ids, max_new_tokens):
+                out, stats = engine.generate(ids.to(device), max_new_tokens=max_new_tokens, **kwargs)
+                return stats["decode_s"], stats["new_tokens"] - 1, stats
 
-    for position, index in enumerate(order):
-        if budget_s and time.perf_counter() - started > budget_s:
-            print(f"budget of {budget_s:.0f} s reached after {len(rows)} of {len(runs_)} engine runs", flush=True)
+            seconds, steps, stats = serve(engine_generate, streams[source], setting)
+            frame = pd.DataFrame(stats)
+            misses = frame.decode_misses.sum() / (steps * batch)
+            load_s = 1 / (copy_gbps * 1e9) if tier == "host" else 1 / (gbps * 1e9)
+            floor = 1 / resident_tps[source]  # one request's resident decode step: the limit is for single requests
+            prompts = np.mean([p for p, _ in streams[source].meta["requests"][:requests]])
+            rows.append({"routing_source": source, "tier": tier, "io_gbps": copy_gbps if tier == "host" else gbps,
+                         "share": setting["share"], "capacity": capacity, "policy": setting["policy"],
+                         "mode": mode, "prefetch": False, "repeat": repeat,
+                         "prompt_tokens": setting.get("prompt_tokens") or prompts, "concurrent": batch,
+                         "tokens_per_s": steps * batch / seconds, "ttft_s": frame.ttft_s.mean(),
+                         "prefill_misses": frame.prefill_misses.sum() / requests,
+                         "resident_tokens_per_s": resident_tps[source],
+                         "hit_rate": frame.decode_hits.sum() / (frame.decode_hits.sum() + frame.decode_misses.sum()),
+                         "misses_per_token": misses,
+                         "limit_tokens_per_s": 1 / (floor + misses * engine.expert_bytes * load_s) if batch == 1
+                         else float("nan"),
+                         "load_share": frame.decode_load_seconds.sum() / frame.decode_s.sum(),
+                         "load_gbps": frame.decode_bytes_read.sum() / max(frame.decode_load_seconds.sum(), 1e-12) / 1e9,
+                         "expert_mb": engine.expert_bytes / 1e6,
+                         "memory_gb": (info.resident_bytes + engine.pool_bytes) / 1e9, "decode_steps": steps,
+                         "grid": setting.get("grid", "")})
+        if on_grid is not None and len(rows) > measured_before:  # a grid cut short by the budget keeps its runs
+            on_grid(grid, _with_ratios(pd.DataFrame(rows[measured_before:])), setup)
+        if len(rows) - measured_before < len(runs_):
+            print(f"budget of {budget_s:.0f} s reached after {len(rows)} of {total} engine runs", flush=True)
             break
-        setting, source, repeat = runs_[index]
-        tier, gbps = setting["tier"], setting.get("gbps")
-        capacity = int(max(info.top_k, round(setting["share"] * n_routed)))
-        mode, batch = setting.get("mode", "disaggregated"), setting.get("concurrent", 1)
-        engine.reconfigure(capacity, setting["policy"], mode=mode, tier=tier, bandwidth_gbps=gbps)
-
-        def engine_generate(ids, max_new_tokens):
-            out, stats = engine.generate(ids.to(device), max_new_tokens=max_new_tokens, **kwargs)
-            return stats["decode_s"], stats["new_tokens"] - 1, stats
-
-        seconds, steps, stats = serve(engine_generate, streams[source], setting)
-        frame = pd.DataFrame(stats)
-        misses = frame.decode_misses.sum() / (steps * batch)
-        load_s = 1 / (copy_gbps * 1e9) if tier == "host" else 1 / (gbps * 1e9)
-        floor = 1 / resident_tps[source]  # one request's resident decode step: the limit is for single requests
-        prompts = np.mean([p for p, _ in streams[source].meta["requests"][:requests]])
-        rows.append({"routing_source": source, "tier": tier, "io_gbps": copy_gbps if tier == "host" else gbps,
-                     "share": setting["share"], "capacity": capacity, "policy": setting["policy"],
-                     "mode": mode, "prefetch": False, "repeat": repeat,
-                     "prompt_tokens": setting.get("prompt_tokens") or prompts, "concurrent": batch,
-                     "tokens_per_s": steps * batch / seconds, "ttft_s": frame.ttft_s.mean(),
-                     "prefill_misses": frame.prefill_misses.sum() / requests,
-                     "resident_tokens_per_s": resident_tps[source],
-                     "hit_rate": frame.decode_hits.sum() / (frame.decode_hits.sum() + frame.decode_misses.sum()),
-                     "misses_per_token": misses,
-                     "limit_tokens_per_s": 1 / (floor + misses * engine.expert_bytes * load_s) if batch == 1
-                     else float("nan"),
-                     "load_share": frame.decode_load_seconds.sum() / frame.decode_s.sum(),
-                     "load_gbps": frame.decode_bytes_read.sum() / max(frame.decode_load_seconds.sum(), 1e-12) / 1e9,
-                     "expert_mb": engine.expert_bytes / 1e6,
-                     "memory_gb": (info.resident_bytes + engine.pool_bytes) / 1e9, "decode_steps": steps,
-                     "grid": setting.get("grid", "")})
-        if position + 1 == len(order) or runs_[order[position + 1]][0].get("grid", "") != rows[-1]["grid"]:
-            done(rows[-1]["grid"])
-    if rows and rows[-1]["grid"] not in finished:  # the budget cut this grid short: keep what it measured
-        done(rows[-1]["grid"])
     measured = _with_ratios(pd.DataFrame(rows))
     return {"measurements": measured, **setup}
 
