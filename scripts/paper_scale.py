@@ -34,6 +34,9 @@ GRIDS = {
     "host_policies": [{"tier": "host", "share": 0.25, "policy": "lru", "sources": ("base",)}]
                      + [{"tier": "host", "share": 0.25, "policy": p, "sources": ("lora_control", "cfmoe")}
                         for p in ("lfu", "lfu_aging")],
+    # the engine's eager experts loop (its kernel before grouped kernels ran over the slot pool), side by side
+    "host_eager": [{"tier": "host", "share": s, "policy": "lru", "experts": "eager",
+                    "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
     "emulated": [{"tier": "throttled", "gbps": EMULATED, "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")}
                  for s in (0.25, 0.5)],
     # long prompts beside decode (issue: where does disaggregated prefill pay?): CFMoE's routing, 25% cached, LRU,

@@ -55,6 +55,31 @@ def test_greedy_generation_is_token_identical_across_budgets_and_modes(arch, tmp
         assert (stats["prefetched"] > 0) == prefetch and stats["prefetch_used"] <= stats["prefetched"]
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_pool_kernels_are_token_identical_to_the_resident_model(arch, implementation, tmp_path):
+    """transformers' grouped and batched experts kernels run over the whole slot pool (slot ids for expert ids),
+    in one group and, with too few slots for a prompt, in several; the output is the resident model's."""
+    lm, tok = tiny_moe(arch, n_experts=8, top_k=2, n_layers=2), tiny_tokenizer()
+    if not hasattr(lm, "set_experts_implementation"):
+        pytest.skip(f"{arch} runs its own experts code")
+    ids, mask = encode(tok)
+    lm.set_experts_implementation(implementation)
+    with torch.no_grad():
+        expected = reference(lm, ids, mask)
+    engine = OffloadEngine(copy.deepcopy(lm), tmp_path / "s.safetensors", 2, mode="unified",
+                           experts_implementation=implementation)
+    for capacity, mode in [(2, "unified"), (3, "disaggregated"), (16, "disaggregated_warm")]:
+        engine.reconfigure(capacity, mode=mode)
+        out, stats = engine.generate(ids, mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(out, expected), (capacity, mode)
+        assert stats["experts_implementation"] == implementation
+    engine.reconfigure(4, experts_implementation="eager")
+    assert engine.model.config._experts_implementation == "eager"
+    with pytest.raises(ValueError, match="unknown experts implementation 'flash'; valid: eager, grouped_mm"):
+        engine.reconfigure(4, experts_implementation="flash")
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lfu_aging"])
 def test_engine_hits_follow_the_cache_semantics(policy, tmp_path):
     """Decode through the engine = the simulator, under the same policy, on the accesses the engine saw."""

@@ -84,10 +84,21 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
     and engine runs in a seeded order, the limit, memory saved with an interval."""
     streams, shrink = _tiny_streams(), TINY_PAPER_MODEL
     settings = [{"tier": "host", "share": s, "policy": "lru", "sources": tuple(streams)} for s in (0.25, 0.5, 0.75)]
+    settings.append({"tier": "host", "share": 0.5, "policy": "lru", "sources": tuple(streams), "experts": "batched_mm",
+                     "grid": "other"})
     out = serving_study.paper_scale_measure(streams, settings, repeats=2, new_tokens=6, requests=2, device="cpu",
                                             store_path=tmp_path / "store.safetensors", dtype_name="float32", **shrink)
     m = out["measurements"]
-    assert len(m) == 3 * 2 * 2 and set(m.repeat) == {0, 1} and (m.expert_mb > 0).all()
+    assert len(m) == 4 * 2 * 2 and set(m.repeat) == {0, 1} and (m.expert_mb > 0).all()
+    # the engine runs the resident baseline's (fastest) experts implementation unless a setting names another
+    kernel = out["meta"].experts_implementation.iloc[0]
+    assert kernel == max(out["meta"].implementation_tokens_per_s.iloc[0].items(), key=lambda kv: kv[1])[0]
+    other, m = m[m.grid == "other"], m[m.grid != "other"].drop(columns="grid")
+    assert (other.experts_implementation == "batched_mm").all() and (m.experts_implementation == kernel).all()
+    key = ["routing_source", "repeat"]  # the kernel changes the time a token takes, not which experts it loads
+    assert other.set_index(key).hit_rate.sort_index().equals(m[m.share == 0.5].set_index(key).hit_rate.sort_index())
+    if kernel != "batched_mm":  # (else the other grid repeats the first one's setting)
+        m = pd.concat([m, other.drop(columns="grid")], ignore_index=True)
     assert {"routing_source", "tier", "share", "policy", "mode", "prefetch", "repeat", "tokens_per_s",
             "resident_tokens_per_s", "hit_rate", "misses_per_token", "limit_tokens_per_s"} <= set(m.columns)
     by = m.groupby(["routing_source", "share"]).hit_rate.mean()
@@ -123,7 +134,9 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
     results = serving_study.paper_scale_results(cfg)
     assert len(results["verdicts"]) == 3 and all(v.endswith(("met)", "missed)")) for v in results["verdicts"])
     medians = results["medians"]
-    assert len(medians) == 3 * 2 and (medians.repeats == 2).all()
+    assert len(medians) == 3 * 2 + (kernel != "batched_mm") * 2 and (medians.repeats == 2).all()
+    assert medians.headline.sum() == 3 * 2 and results["experts_implementation"] == kernel
+    assert (results["saved"].headline == (results["saved"].experts_implementation == kernel)).all()
     assert {"tokens_per_s", "tokens_per_s_q25", "tokens_per_s_q75", "of_limit", "of_resident"} <= set(medians.columns)
 
 

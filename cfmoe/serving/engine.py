@@ -40,6 +40,10 @@ from ..serving_sim import MODES, layer_seeds, seed_quota
 from .store import ExpertStore, expert_parameters, write_store
 
 POLICIES = ("lru", "lfu", "lfu_aging")
+# transformers' experts implementations the engine can run over its slot pool. `eager` loops over the slots a call
+# uses (one host sync per slot); `grouped_mm` and `batched_mm` take every slot's weights and an expert id per
+# (token, k) with no host sync, so they scan the whole pool (offsets of empty groups on the GPU kernel)
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 
 def reset_cuda_peak() -> int:
@@ -181,38 +185,47 @@ class OffloadEngine:
     def __init__(self, model: torch.nn.Module, store_path: str | os.PathLike, capacity: int, policy: str = "lru",
                  scope: str = "global", mode: str = "disaggregated", tier: str = "direct",
                  bandwidth_gbps: float | None = None, warm_tokens: int = 8, warm_decay: float = 0.5,
-                 prefetch: bool = False, write: bool = True, verify: bool = True):
+                 prefetch: bool = False, write: bool = True, verify: bool = True,
+                 experts_implementation: str = "eager"):
         """`write`: write the store from `model` first (else the store must come from this very model: its
-        fingerprint is checked); `verify`: check every expert's checksum when the store is opened."""
+        fingerprint is checked); `verify`: check every expert's checksum when the store is opened;
+        `experts_implementation`: transformers' experts kernel run over the slot pool (`EXPERTS_IMPLEMENTATIONS`;
+        eager by default, the faster one over a pool on CPU; the paper-scale measurement compares them on the GPU)."""
         info = moe.describe(model)
         self.model, self.info = model, info
-        self._check_settings(capacity, policy, scope, mode)  # before anything is written
+        self._check_settings(capacity, policy, scope, mode, experts_implementation)  # before anything is written
         if write:
             write_store(model, store_path)
         self.device = next(model.parameters()).device
         self.store = ExpertStore(store_path, tier, bandwidth_gbps, self.device, verify=verify)
         self._stores = {(tier, bandwidth_gbps): self.store}  # tiers opened on this store, by (tier, GB/s)
         self._check_store(fingerprint=not write)
-        # the grouped/batched expert kernels scan every expert id, i.e. every slot of the pool (+50% per token
-        # measured here at 384 slots); the eager loop touches only the slots a call uses
-        if hasattr(model, "set_experts_implementation"):
-            model.set_experts_implementation("eager")
+        self.experts_implementation = None
         self.tier = tier
         self.warm_tokens, self.warm_decay = warm_tokens, warm_decay
         self.expert_bytes = sum(int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
                                 for _, dtype, shape, _, _ in self.store.tensors[(0, 0)])
         self.pool = {}
-        self.reconfigure(capacity, policy, scope, mode, prefetch)
+        self.reconfigure(capacity, policy, scope, mode, prefetch, experts_implementation=experts_implementation)
         for index, layer in enumerate(info.layers):
             layer.experts.forward = self._forward(index, layer.experts.forward)
         self._hook = model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
 
     def reconfigure(self, capacity: int, policy: str = "lru", scope: str = "global", mode: str = "disaggregated",
-                    prefetch: bool = False, tier: str | None = None, bandwidth_gbps: float | None = None) -> None:
-        """A new budget, policy, scope, mode, prefetch setting or slow tier for the same model and store: an
-        empty cache and a freshly allocated slot pool (the old one is freed first), so one engine serves a whole
-        sweep. A tier is opened once on the same store file (unverified: it was checked when first opened)."""
-        self._check_settings(capacity, policy, scope, mode)
+                    prefetch: bool = False, tier: str | None = None, bandwidth_gbps: float | None = None,
+                    experts_implementation: str | None = None) -> None:
+        """A new budget, policy, scope, mode, prefetch setting, slow tier or experts implementation (None: keep
+        it) for the same model and store: an empty cache and a freshly allocated slot pool (the old one is freed
+        first), so one engine serves a whole sweep. A tier is opened once on the same store file (unverified: it
+        was checked when first opened)."""
+        self._check_settings(capacity, policy, scope, mode, experts_implementation)
+        if experts_implementation is not None and experts_implementation != self.experts_implementation:
+            if hasattr(self.model, "set_experts_implementation"):
+                self.model.set_experts_implementation(experts_implementation)
+            elif experts_implementation != "eager":
+                raise ValueError(f"experts implementation {experts_implementation!r} needs a model with "
+                                 "set_experts_implementation; this one runs its own experts code: use 'eager'")
+            self.experts_implementation = experts_implementation
         if tier is not None:
             key = (tier, bandwidth_gbps)
             if key not in self._stores:
@@ -250,8 +263,9 @@ class OffloadEngine:
                 setattr(layer.experts, name, param)
             layer.experts.num_experts = self.n_slots
 
-    def _check_settings(self, capacity, policy: str, scope: str, mode: str) -> None:
-        for value, valid, what in ((policy, POLICIES, "policy"), (scope, SCOPES, "scope"), (mode, MODES, "mode")):
+    def _check_settings(self, capacity, policy: str, scope: str, mode: str, implementation: str | None = None) -> None:
+        for value, valid, what in ((policy, POLICIES, "policy"), (scope, SCOPES, "scope"), (mode, MODES, "mode"),
+                                   (implementation or "eager", EXPERTS_IMPLEMENTATIONS, "experts implementation")):
             if value not in valid:
                 raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
         n_layers, n_experts, top_k = len(self.info.layers), self.info.n_experts, self.info.top_k
@@ -479,6 +493,7 @@ class OffloadEngine:
         ttft = times[0] - started
         decode_s = times[-1] - times[0] if len(times) > 1 else float("nan")
         stats = {"tier": self.tier, "mode": self.mode, "prefetch": self.prefetch, "policy": self.cache.policy,
+                 "experts_implementation": self.experts_implementation,
                  "scope": self.cache.scope,
                  "capacity": self.cache.capacity, "slots": self.n_slots, "pool_bytes": self.pool_bytes,
                  "new_tokens": new_tokens, "ttft_s": ttft, "decode_s": decode_s,
