@@ -363,6 +363,12 @@ class RoutingReplay:
         experts = self.trace.experts[picks, self.layer_map[layer]]
         return torch.as_tensor(experts.astype(np.int64)).to(device=like.device, dtype=like.dtype)
 
+    def peek(self, layer: int, rows: int) -> np.ndarray:
+        """The experts the next `rows` tokens of model layer `layer` will take, without taking them: an oracle
+        (it knows future routing), for bounding what a predictor could do."""
+        picks = np.arange(self.position[layer], self.position[layer] + rows) % self.trace.n_tokens
+        return self.trace.experts[picks, self.layer_map[layer]]
+
 
 @contextlib.contextmanager
 def replay_routing(model: torch.nn.Module, trace: RoutingTrace, layer_map: list[int] | None = None,

@@ -37,6 +37,10 @@ GRIDS = {
     # the engine's eager experts loop (its kernel before grouped kernels ran over the slot pool), side by side
     "host_eager": [{"tier": "host", "share": s, "policy": "lru", "experts": "eager",
                     "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
+    # prefetch of each next layer's experts on a side stream, by an oracle predictor (labelled: it knows future
+    # routing), beside the host grid: can a layer's compute hide a load at this size?
+    "prefetch_oracle": [{"tier": "host", "share": s, "policy": "lru", "prefetch": "oracle",
+                         "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
     "emulated": [{"tier": "throttled", "gbps": EMULATED, "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")}
                  for s in (0.25, 0.5)],
     # long prompts beside decode (issue: where does disaggregated prefill pay?): CFMoE's routing, 25% cached, LRU,

@@ -86,10 +86,18 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
     settings = [{"tier": "host", "share": s, "policy": "lru", "sources": tuple(streams)} for s in (0.25, 0.5, 0.75)]
     settings.append({"tier": "host", "share": 0.5, "policy": "lru", "sources": tuple(streams), "experts": "batched_mm",
                      "grid": "other"})
+    settings.append({"tier": "host", "share": 0.25, "policy": "lru", "sources": ("cfmoe",), "prefetch": "oracle",
+                     "grid": "ahead"})
     out = serving_study.paper_scale_measure(streams, settings, repeats=2, new_tokens=6, requests=2, device="cpu",
                                             store_path=tmp_path / "store.safetensors", dtype_name="float32", **shrink)
     m = out["measurements"]
-    assert len(m) == 4 * 2 * 2 and set(m.repeat) == {0, 1} and (m.expert_mb > 0).all()
+    assert len(m) == 4 * 2 * 2 + 2 and set(m.repeat) == {0, 1} and (m.expert_mb > 0).all()
+    # oracle prefetch (it knows the replayed stream) loads ahead, and its loads are used: fewer demand misses
+    ahead, m = m[m.grid == "ahead"], m[m.grid != "ahead"]
+    plain = m[(m.share == 0.25) & (m.routing_source == "cfmoe") & (m.grid != "other")]
+    assert ahead.prefetch.all() and (ahead.predictor == "oracle").all() and not m.prefetch.any()
+    assert (ahead.prefetched_per_token > 0).all() and (ahead.prefetch_used > 0.9).all()
+    assert ahead.misses_per_token.max() < plain.misses_per_token.min()
     # the engine runs the resident baseline's (fastest) experts implementation unless a setting names another
     kernel = out["meta"].experts_implementation.iloc[0]
     assert kernel == max(out["meta"].implementation_tokens_per_s.iloc[0].items(), key=lambda kv: kv[1])[0]

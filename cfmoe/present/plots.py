@@ -333,17 +333,19 @@ def beyond_pareto(methods: pd.DataFrame, sweep: pd.DataFrame) -> plt.Figure:
 def paper_scale(medians: pd.DataFrame, resident: float) -> plt.Figure:
     """Notebook 05's paper-scale model, host tier under LRU: decode tokens/s by share of experts in fast memory
     per routing source (median, interquartile range as error bars; solid: the engine on the headline's experts
-    implementation, `serving.paper_scale_results`, its physical limit dashed; dotted with crosses: the engine on
-    another implementation) and the resident model (dotted)."""
+    implementation, `serving.paper_scale_results`, its physical limit dashed; dotted: the engine on another
+    implementation (crosses) or with oracle prefetch (triangles)) and the resident model (dotted)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = medians[(medians.tier == "host") & (medians.policy == "lru")]
     colors = {source: f"C{i}" for i, source in enumerate(sorted(rows.routing_source.unique()))}
-    for (source, kernel), group in rows.sort_values("share").groupby(["routing_source", "experts_implementation"]):
+    for (source, kernel, ahead), group in rows.sort_values("share").groupby(
+            ["routing_source", "experts_implementation", "prefetch"]):
         own = bool(group.headline.iloc[0]) if "headline" in group else True
         ax.errorbar(group.share, group.tokens_per_s, yerr=[group.tokens_per_s - group.tokens_per_s_q25,
                                                            group.tokens_per_s_q75 - group.tokens_per_s],
-                    marker="o" if own else "x", ls="-" if own else ":", capsize=3, color=colors[source],
-                    label=f"{source} (engine: {kernel})")
+                    marker="o" if own else "^" if ahead else "x", ls="-" if own else ":", capsize=3,
+                    color=colors[source],
+                    label=f"{source} (engine: {kernel}{', oracle prefetch' if ahead else ''})")
         if own:
             ax.plot(group.share, group.limit_tokens_per_s, ls="--", color=colors[source], lw=1)
     ax.axhline(resident, ls=":", color="k", lw=1, label="all experts resident")

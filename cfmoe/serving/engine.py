@@ -246,6 +246,8 @@ class OffloadEngine:
         self.phase = "prefill"
         self.prefetch = bool(prefetch)
         self._pending = None  # the background prefetch in flight: a future of its seconds
+        # `predictor(layer, hidden_states)`: the experts `layer` will use, for prefetch; None: its router's guess
+        self.predictor = None
         self._ahead: set[tuple[int, int]] = set()  # prefetched keys not yet accessed
         if self.prefetch and not hasattr(self, "_executor"):
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="cfmoe-prefetch")
@@ -392,10 +394,13 @@ class OffloadEngine:
     def _prefetch(self, layer: int, hidden_states: torch.Tensor, pinned: set) -> None:
         """Start loading the experts `layer`'s router would pick for `hidden_states` (the previous layer's
         input: the residual stream changes little between layers) into cache slots, in the background."""
-        router = self.info.layers[layer].router
-        predicted = router.forward(hidden_states)[-1]  # .forward: no hooks, this is not the model's routing
+        if self.predictor is None:
+            predicted = self.info.layers[layer].router.forward(hidden_states)[-1]  # no hooks: not the model's routing
+            predicted = predicted.reshape(-1).tolist()
+        else:
+            predicted = np.asarray(self.predictor(layer, hidden_states)).reshape(-1).tolist()
         jobs, pinned = [], set(pinned)
-        for expert in dict.fromkeys(predicted.reshape(-1).tolist()):
+        for expert in dict.fromkeys(predicted):
             key = (layer, expert)
             if self.cache.lookup(key) is not None:
                 continue
