@@ -169,3 +169,34 @@ def test_paper_scale_grids_run_one_after_another_and_each_is_handed_over_as_it_e
                                               budget_s=1e-9, on_grid=lambda grid, m, setup: cut.append(grid),
                                               **TINY_PAPER_MODEL)
     assert spent["measurements"].empty and cut == []
+
+
+def test_the_engine_falls_back_to_the_next_fastest_implementation_that_runs_over_its_pool(tmp_path, monkeypatch):
+    """A kernel that serves the resident model but fails over the engine's slot pool is skipped, said and recorded:
+    the engine runs the next fastest, and the goals judge it on that one."""
+    from cfmoe.serving import OffloadEngine
+
+    streams, generate = _tiny_streams(), OffloadEngine.generate
+    failing = []  # the first implementation the engine runs (the resident's, fastest) rejects the pool
+
+    def flaky(self, *args, **kwargs):
+        failing[:] = failing or [self.experts_implementation]
+        if self.experts_implementation == failing[0]:
+            raise RuntimeError(f"{failing[0]} rejects the pool")
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(OffloadEngine, "generate", flaky)
+    settings = [{"tier": "host", "share": 0.5, "policy": "lru", "sources": tuple(streams)}]
+    out = serving_study.paper_scale_measure(streams, settings, repeats=1, new_tokens=4, requests=1, device="cpu",
+                                            store_path=tmp_path / "store.safetensors", dtype_name="float32",
+                                            **TINY_PAPER_MODEL)
+    meta, m = out["meta"].iloc[0], out["measurements"]
+    assert meta.experts_implementation != meta.engine_experts_implementation != failing[0]
+    assert (m.experts_implementation == meta.engine_experts_implementation).all() and len(m) == 2
+    monkeypatch.setenv("CFMOE_RESULTS", str(tmp_path / "results"))
+    folder = load_config("smoke").results_dir(serving_study.NOTEBOOK) / serving_study.PAPER_SCALE
+    folder.mkdir(parents=True)
+    m.drop(columns="grid").to_csv(folder / "measurements_host.csv", index=False)
+    out["meta"].to_csv(folder / "machine_host.csv", index=False)
+    results = serving_study.paper_scale_results(load_config("smoke"))
+    assert results["experts_implementation"] == meta.engine_experts_implementation
