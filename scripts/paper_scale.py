@@ -66,6 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (CPU tests)")
     parser.add_argument("--budget-s", type=float, default=0.0, help="start no engine run after this many seconds")
+    parser.add_argument("--shares", type=float, nargs="+", help="only these shares of each grid (default: all)")
     args = parser.parse_args(argv)
     cfg = load_config("cpu")
     if args.action == "export":
@@ -74,6 +75,11 @@ def main(argv=None) -> None:
     if args.action == "summarize":
         summarize(cfg, Path(args.out))
         return
+    settings = [{**setting, "grid": grid} for grid in args.grid for setting in GRIDS[grid]
+                if not args.shares or setting["share"] in args.shares]
+    if not settings:
+        raise ValueError(f"--shares {args.shares} selects no setting of {args.grid}; their shares: "
+                         f"{sorted({s['share'] for g in args.grid for s in GRIDS[g]})}")
     streams = {path.stem: routing.read_trace(path) for path in sorted(STREAMS.glob("*.npz"))}
     if not streams:
         raise ValueError(f"no streams in {STREAMS}: run `python scripts/paper_scale.py export` first")
@@ -96,7 +102,7 @@ def main(argv=None) -> None:
         print(f"{grid}: {len(measured)} runs at {extra['seconds']} s", measured.groupby(serving.LONG_PROMPT_KEYS)[
             ["tokens_per_s", "hit_rate", "ttft_s"]].median().to_string(), flush=True)
 
-    settings = [{**setting, "grid": grid} for grid in args.grid for setting in GRIDS[grid]]
+    common["shares"] = args.shares or "all"
     serving.paper_scale_measure(streams, settings, repeats=args.repeats, new_tokens=args.new_tokens,
                                 requests=args.requests, device=args.device, store_path=args.store,
                                 dtype_name="float32" if args.tiny else "bfloat16", budget_s=args.budget_s,

@@ -106,3 +106,11 @@ def test_pretrain_probe_reads_settings_and_tables_the_last_evaluation(tmp_path, 
     final, curves = pd.read_csv(folder / "trial.csv"), pd.read_csv(folder / "trial_curves.csv")
     assert final.step.tolist() == [120] and final.heldout_ecr_over_k_e.tolist() == [2.2] and len(curves) == 2
     assert "v8192,aux0.03,120,h32" in json.loads((folder / "trial.json").read_text())["command"]
+
+
+def test_paper_scale_rejects_shares_that_select_nothing_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "paper_scale.py"), "measure", "--grid", "host",
+                           "--shares", "0.3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "scripts/paper_scale.py: error: --shares [0.3] selects no setting of ['host']; their shares: "
+        "[0.0625, 0.25, 0.5, 0.75]"], proc.stderr
