@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from .cache import SCOPES, aged_score
 from .moe import MoELayerInfo, describe, unwrap
@@ -59,60 +59,70 @@ class OnlineCache:
         if policy == "lfu_aging" and not (isinstance(halflife, (int, np.integer)) and halflife > 0):
             raise ValueError(f"lfu_aging needs a positive integer halflife (in accesses), got {halflife!r}")
         self.rows, self.n_layers, self.n_experts = rows, n_layers, n_experts
-        self.capacity = np.broadcast_to(sizes.astype(np.int64), (rows,)).copy()  # entries per row
+        self.capacity = np.broadcast_to(sizes.astype(np.int64), (rows,)).copy()  # entries per row (and pool)
         self.policy, self.scope, self.halflife = policy, scope, halflife
-        self.last = np.full((rows, n_layers * n_experts), -1, np.int64)  # position of the last use; -1: not cached
-        self.score = np.zeros((rows, n_layers * n_experts), np.float64)  # the policy's priority, lowest evicted
+        # each row's held entries as compact lists, one per pool (one pool, or one per layer), so that a miss scans
+        # only the entries held: `where` maps a key to its place in its pool's list (-1: not cached)
+        pools, width = (n_layers if scope == "per_layer" else 1), int(self.capacity.max())
+        self.where = np.full((rows, n_layers * n_experts), -1, np.int64)
+        self.keys = np.full((rows, pools, width), -1, np.int64)
+        self.score = np.zeros((rows, pools, width), np.float64)  # the policy's priority, lowest evicted
+        self.used = np.zeros((rows, pools, width), np.int64)  # position of the last use (ties: oldest evicted)
+        self.held = np.zeros((rows, pools), np.int64)
         self.clock = 0  # accesses so far, per row (rows advance in lockstep)
         self.hits = np.zeros(rows, np.int64)
         self.misses = np.zeros(rows, np.int64)
 
     def cached(self, layer: int) -> np.ndarray:
         """(rows, n_experts) bool: which of `layer`'s experts each row holds."""
-        return self.last[:, layer * self.n_experts:(layer + 1) * self.n_experts] >= 0
+        return self.where[:, layer * self.n_experts:(layer + 1) * self.n_experts] >= 0
 
     def access(self, layer: int, experts: np.ndarray) -> None:
         """One token's experts at `layer` for every row, (rows, k), accessed in slot order."""
         keys = layer * self.n_experts + np.asarray(experts, np.int64).reshape(self.rows, -1)
-        lo, hi = ((layer * self.n_experts, (layer + 1) * self.n_experts) if self.scope == "per_layer"
-                  else (0, self.last.shape[1]))
-        self.clock = _access(self.last, self.score, self.hits, self.misses, keys, self.clock, self.capacity, lo, hi,
-                             POLICIES.index(self.policy), self.halflife or 1)
+        pool = layer if self.scope == "per_layer" else 0
+        self.clock = _access(self.where, self.keys, self.score, self.used, self.held, self.hits, self.misses, keys,
+                             self.clock, self.capacity, pool, POLICIES.index(self.policy), self.halflife or 1)
 
 
-@njit(cache=True)
-def _access(last, score, hits, misses, keys, clock, capacity, lo, hi, policy, halflife):
-    """`OnlineCache.access`, compiled: for each slot, every row's key; a miss in a full pool [lo, hi) (`capacity`
-    entries for each row) evicts the held entry of lowest score, ties least recently used. policy: 0 lru, 1 lfu,
-    2 lfu_aging. Returns the clock."""
+@njit(cache=True, parallel=True)
+def _access(where, held_keys, score, used, held, hits, misses, keys, clock, capacity, pool, policy, halflife):
+    """`OnlineCache.access`, compiled: for each slot, every row's key; a miss in a full pool (`capacity` entries
+    for each row) evicts the held entry of lowest score, ties least recently used. policy: 0 lru, 1 lfu,
+    2 lfu_aging. Rows are independent caches, so they run in parallel (integer bookkeeping and per-row floats: the
+    same result on any number of threads). Returns the clock."""
     rows, k = keys.shape
-    for slot in range(k):
-        for row in range(rows):
+    for row in prange(rows):
+        for slot in range(k):
+            now = clock + slot  # every row's position: rows advance in lockstep, one position per slot
             key = keys[row, slot]
-            hit = last[row, key] >= 0
+            place = where[row, key]
+            hit = place >= 0
             if hit:
                 hits[row] += 1
             else:
                 misses[row] += 1
-                held, victim, low, oldest = 0, -1, np.inf, np.iinfo(np.int64).max
-                for entry in range(lo, hi):
-                    used = last[row, entry]
-                    if used >= 0:
-                        held += 1
-                        value = score[row, entry]
-                        if value < low or (value == low and used < oldest):
-                            victim, low, oldest = entry, value, used
-                if held >= capacity[row]:
-                    last[row, victim] = -1
+                if held[row, pool] < capacity[row]:
+                    place = held[row, pool]
+                    held[row, pool] += 1
+                else:  # positions are unique within a row, so the victim is too
+                    place, low, oldest = 0, score[row, pool, 0], used[row, pool, 0]
+                    for entry in range(1, capacity[row]):
+                        value, last = score[row, pool, entry], used[row, pool, entry]
+                        if value < low or (value == low and last < oldest):
+                            place, low, oldest = entry, value, last
+                    where[row, held_keys[row, pool, place]] = -1
+                held_keys[row, pool, place] = key
+                where[row, key] = place
             if policy == 0:
-                score[row, key] = float(clock)
+                score[row, pool, place] = float(now)
             elif policy == 1:
-                score[row, key] = score[row, key] + 1.0 if hit else 1.0
+                score[row, pool, place] = score[row, pool, place] + 1.0 if hit else 1.0
             else:
-                score[row, key] = aged_score(score[row, key], clock, halflife) if hit else clock / halflife
-            last[row, key] = clock
-        clock += 1
-    return clock
+                score[row, pool, place] = aged_score(score[row, pool, place], now, halflife) if hit \
+                    else now / halflife
+            used[row, pool, place] = now
+    return clock + k
 
 
 class EngineCache:

@@ -1,6 +1,9 @@
 """Cache-conditional routing: λ = 0 is token-identical on every architecture, λ > 0 cuts misses, and the online
 cache's hits equal the exact simulator's on the routing it produced."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,9 @@ from cfmoe.cache_prior import OnlineCache, cache_prior, decode_teacher_forced, r
 from cfmoe.moe import describe
 from cfmoe.routing import record_routing
 from tiny_models import ARCHITECTURES, tiny_moe, tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from bench_online_cache import ReferenceCache  # noqa: E402  the slow reference (the benchmark times it too)
 
 IDS = torch.randint(3, 100, (3, 24), generator=torch.Generator().manual_seed(0))
 
@@ -254,48 +260,22 @@ def test_validation_passes_read_beyond_validation_tokens_else_the_router_designs
     assert load_config("gpu").beyond.validation_tokens == 32768
 
 
-def reference_access(cache_, layer, experts):
-    """The slow reference of `OnlineCache.access` (plain numpy, one slot at a time over all rows)."""
-    rows = np.arange(cache_.rows)
-    lo, hi = ((layer * cache_.n_experts, (layer + 1) * cache_.n_experts) if cache_.scope == "per_layer"
-              else (0, cache_.last.shape[1]))
-    for slot in range(experts.shape[1]):
-        keys = layer * cache_.n_experts + experts[:, slot].astype(np.int64)
-        hit = cache_.last[rows, keys] >= 0
-        cache_.hits += hit
-        cache_.misses += ~hit
-        for row in np.flatnonzero(~hit):
-            held = cache_.last[row, lo:hi] >= 0
-            if held.sum() >= cache_.capacity[row]:
-                score = np.where(held, cache_.score[row, lo:hi], np.inf)
-                lowest = (score == score.min()) & held
-                cache_.last[row, lo + np.where(lowest, cache_.last[row, lo:hi], np.iinfo(np.int64).max).argmin()] = -1
-        old = cache_.score[rows, keys]
-        if cache_.policy == "lru":
-            new = np.full(cache_.rows, float(cache_.clock))
-        elif cache_.policy == "lfu":
-            new = np.where(hit, old + 1, 1.0)
-        else:
-            new = np.array([cache.aged_score(s, cache_.clock, cache_.halflife) if h else cache_.clock / cache_.halflife
-                            for s, h in zip(old, hit)])
-        cache_.score[rows, keys] = new
-        cache_.last[rows, keys] = cache_.clock
-        cache_.clock += 1
-
-
 @pytest.mark.parametrize("policy, scope", [("lru", "global"), ("lfu", "global"), ("lfu_aging", "global"),
                                            ("lru", "per_layer"), ("lfu_aging", "per_layer")])
 def test_compiled_online_cache_equals_the_slow_reference(policy, scope):
     rng = np.random.default_rng(1)
     sizes = np.array([6, 4, 9, 6, 2]) if scope == "per_layer" else np.array([12, 5, 20, 12, 8])  # one per row
-    fast, slow = (OnlineCache(5, 3, 16, sizes, policy, scope, halflife=7) for _ in range(2))
+    fast = OnlineCache(5, 3, 16, sizes, policy, scope, halflife=7)
+    slow = ReferenceCache(fast)
     for t in range(60):
         for layer in range(3):
             # skewed choices (a few hot experts) so that hits, ties and evictions all occur
             experts = np.stack([rng.choice(16, 3, replace=False, p=np.r_[[0.2] * 3, [0.4 / 13] * 13])
                                 for _ in range(5)])
             fast.access(layer, experts)
-            reference_access(slow, layer, experts)
+            slow.access(layer, experts)
+            for name in ("hits", "misses", "clock"):
+                assert np.array_equal(getattr(fast, name), getattr(slow, name)), (name, t, layer)
+            for held in range(3):
+                assert np.array_equal(fast.cached(held), slow.cached(held)), (t, layer, held)
     assert fast.hits.sum() > 0 and fast.misses.sum() > 0
-    for name in ("last", "score", "hits", "misses", "clock"):
-        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
