@@ -61,6 +61,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=1)
+    parser.add_argument("--warm-tokens", type=int, default=8,
+                        help="tokens of the stream's last request served before each timed run (a warmer cache)")
     parser.add_argument("--out", default=str(ROOT / "results" / "05_serving" / serving.PAPER_SCALE))
     parser.add_argument("--store", default="/tmp/cfmoe_paper_scale.safetensors")
     parser.add_argument("--device", default="cuda")
@@ -77,6 +79,8 @@ def main(argv=None) -> None:
         return
     settings = [{**setting, "grid": grid} for grid in args.grid for setting in GRIDS[grid]
                 if not args.shares or setting["share"] in args.shares]
+    if args.warm_tokens < 1:
+        raise ValueError(f"--warm-tokens {args.warm_tokens} is not valid; use 1 or more")
     if not settings:
         raise ValueError(f"--shares {args.shares} selects no setting of {args.grid}; their shares: "
                          f"{sorted({s['share'] for g in args.grid for s in GRIDS[g]})}")
@@ -89,6 +93,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     folder = Path(args.out)
     common = {"repeats": args.repeats, "new_tokens": args.new_tokens, "requests": args.requests, "grids": args.grid,
+              "warm_tokens": args.warm_tokens,
               "layer_map": "stand-in MoE layer floor(l * 6 / 27) for paper MoE layer l (routing.default_layer_map)"}
 
     def write(grid: str, measured, setup: dict) -> None:
@@ -104,7 +109,8 @@ def main(argv=None) -> None:
 
     common["shares"] = args.shares or "all"
     serving.paper_scale_measure(streams, settings, repeats=args.repeats, new_tokens=args.new_tokens,
-                                requests=args.requests, device=args.device, store_path=args.store,
+                                requests=args.requests, warm_tokens=args.warm_tokens, device=args.device,
+                                store_path=args.store,
                                 dtype_name="float32" if args.tiny else "bfloat16", budget_s=args.budget_s,
                                 on_grid=write, **shrink)
 

@@ -108,9 +108,12 @@ def test_pretrain_probe_reads_settings_and_tables_the_last_evaluation(tmp_path, 
     assert "v8192,aux0.03,120,h32" in json.loads((folder / "trial.json").read_text())["command"]
 
 
-def test_paper_scale_rejects_shares_that_select_nothing_in_one_line():
+@pytest.mark.parametrize("args, message", [
+    (["--shares", "0.3"], "--shares [0.3] selects no setting of ['host']; their shares: [0.0625, 0.25, 0.5, 0.75]"),
+    (["--warm-tokens", "0"], "--warm-tokens 0 is not valid; use 1 or more"),
+])
+def test_paper_scale_rejects_bad_measure_options_in_one_line(args, message):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "paper_scale.py"), "measure", "--grid", "host",
-                           "--shares", "0.3"], capture_output=True, text=True, timeout=120)
+                           *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "scripts/paper_scale.py: error: --shares [0.3] selects no setting of ['host']; their shares: "
-        "[0.0625, 0.25, 0.5, 0.75]"], proc.stderr
+        f"scripts/paper_scale.py: error: {message}"], proc.stderr
