@@ -4,6 +4,7 @@ study's routing, resident and through the offloading engine; writes results/05_s
     python scripts/paper_scale.py export                 # here: the study's streams -> artifacts/cpu/paper_scale/
     python scripts/paper_scale.py measure --grid host    # on the GPU (carry artifacts/cpu/paper_scale)
     python scripts/paper_scale.py summarize              # here: measurements.csv, memory_saved.csv, the figure
+    python scripts/paper_scale.py warmth                 # here: how cold the measurement's cache is (simulation)
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ SEPARATE = {"long_prompts"}  # grids kept out of measurements.csv (their own que
 @user_errors("scripts/paper_scale.py")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["export", "measure", "summarize"])
+    parser.add_argument("action", choices=["export", "measure", "summarize", "warmth"])
     parser.add_argument("--grid", choices=list(GRIDS), nargs="+", default=["host"],
                         help="grids measured one after another on one set-up, in this order")
     parser.add_argument("--repeats", type=int, default=5)
@@ -76,6 +77,9 @@ def main(argv=None) -> None:
         return
     if args.action == "summarize":
         summarize(cfg, Path(args.out))
+        return
+    if args.action == "warmth":
+        warmth(cfg, Path(args.out), args.new_tokens - 1)
         return
     settings = [{**setting, "grid": grid} for grid in args.grid for setting in GRIDS[grid]
                 if not args.shares or setting["share"] in args.shares]
@@ -113,6 +117,28 @@ def main(argv=None) -> None:
                                 store_path=args.store,
                                 dtype_name="float32" if args.tiny else "bfloat16", budget_s=args.budget_s,
                                 on_grid=write, **shrink)
+
+
+def warmth(cfg, folder: Path, timed_tokens: int) -> None:
+    """The timed request's decode misses after each warm-up (`serving.paper_scale_warmth`, a simulation on the
+    exported streams), beside the engine's measured misses where the committed host grid has the same point."""
+    import pandas as pd
+
+    streams = {path.stem: routing.read_trace(path) for path in sorted(STREAMS.glob("*.npz"))}
+    if not streams:
+        raise ValueError(f"no streams in {STREAMS}: run `python scripts/paper_scale.py export` first")
+    table = serving.paper_scale_warmth(streams, timed_tokens=timed_tokens)
+    measured = folder / "measurements_host.csv"
+    if measured.is_file():
+        host = pd.read_csv(measured)
+        host = host[(host.policy == "lru") & ~host.prefetch.astype(bool)]
+        engine = host.groupby(["routing_source", "share"]).misses_per_token.median().rename("engine_misses_per_token")
+        table = table.join(engine, on=["routing_source", "share"])
+        table.loc[table.warm != "8", "engine_misses_per_token"] = float("nan")  # the engine warmed 8 tokens
+    save_table(table, folder / "warmth", cfg, timed_tokens=timed_tokens, streams=sorted(streams),
+               note="simulation (LRU) of the timed request after each warm-up; engine_misses_per_token: the committed "
+                    "host grid's median, measured after an 8-token warm-up")
+    print(table.to_string(index=False))
 
 
 def summarize(cfg, folder: Path) -> None:

@@ -200,3 +200,27 @@ def test_the_engine_falls_back_to_the_next_fastest_implementation_that_runs_over
     out["meta"].to_csv(folder / "machine_host.csv", index=False)
     results = serving_study.paper_scale_results(load_config("smoke"))
     assert results["experts_implementation"] == meta.engine_experts_implementation
+
+
+def test_paper_scale_warmth_counts_the_timed_requests_misses_after_each_warm_up():
+    """With every expert fitting, a timed decode step misses exactly the keys neither the warm-up nor an earlier
+    timed step touched (paper layer l replays stand-in layer l * 2 // 5 here); prefill rows stay out."""
+    from cfmoe import cache, routing
+
+    streams = _tiny_streams()
+    table = serving_study.paper_scale_warmth(streams, shares=(1.0, 0.25), warm=(4, "all"), timed_tokens=6, n_layers=5)
+    assert len(table) == 2 * 2 * 2 and set(table.warm) == {"4", "all"}
+    layer_map = routing.default_layer_map(5, 2)
+    for source, stream in streams.items():
+        decode = [stream.experts[16 * r + 6:16 * r + 16][:, layer_map] for r in range(3)]  # [[6, 10]] * 3
+        timed = cache.access_keys(decode[0][:6], 64)
+        for tokens, warmup in (("4", decode[2][:3]), ("all", np.concatenate(decode[1:]))):
+            seen = set(cache.access_keys(warmup, 64).tolist())
+            misses = 0
+            for key in timed.tolist():
+                misses += key not in seen
+                seen.add(key)
+            row = table[(table.routing_source == source) & (table.share == 1.0) & (table.warm == tokens)].iloc[0]
+            assert row.misses_per_token == misses / 6 and row.warm_decode_steps == len(warmup)
+    assert (table.set_index(["routing_source", "warm", "share"]).misses_per_token.unstack().pipe(
+        lambda m: m[0.25] >= m[1.0])).all()  # a smaller cache never misses less under LRU (inclusion)

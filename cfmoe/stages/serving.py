@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import claims, costmodel, data, moe, routing, stats
+from .. import cache, claims, costmodel, data, moe, routing, stats
 from ..config import StudyConfig
 from ..determinism import make_deterministic
 from ..present import plots
@@ -796,6 +796,42 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
             break
     measured = _with_ratios(pd.DataFrame(rows))
     return {"measurements": measured, **setup}
+
+
+WARMTH = (8, 64, "all")  # warm-up before the timed request: tokens of the last request, or every other request
+
+
+def paper_scale_warmth(streams: dict, shares=(0.0625, 0.25, 0.5, 0.75), warm=WARMTH, timed_tokens: int = 31,
+                       n_layers: int = 27, policy: str = "lru") -> pd.DataFrame:
+    """How cold the paper-scale measurement's cache is, in simulation: the decode misses of the timed request
+    (the stream's first: `timed_tokens` decode steps, as `paper_scale_measure` times one request of 32 new tokens)
+    through a cache of `share` of the paper model's routed experts, after warming it with the decode steps of
+    `warm` tokens of the stream's last request (as the measurement does, 8 by default), or of every other request
+    ("all": about steady state). Paper layer l replays stand-in layer `routing.default_layer_map`'s, as the
+    replayed model does; prefill stays out of the decode cache (disaggregated)."""
+    rows = []
+    for source, stream in streams.items():
+        sizes = stream.meta["requests"]
+        starts = np.cumsum([0] + [p + d for p, d in sizes])
+        layer_map = routing.default_layer_map(n_layers, stream.experts.shape[1])
+
+        def decode(request, steps=None):
+            begin = starts[request] + sizes[request][0]
+            return stream.experts[begin:begin + (sizes[request][1] if steps is None else steps)][:, layer_map]
+
+        timed = decode(0, timed_tokens)
+        for tokens in warm:
+            warmup = (np.concatenate([decode(r) for r in range(1, len(sizes))]) if tokens == "all"
+                      else decode(len(sizes) - 1, tokens - 1))  # generate's first new token comes from prefill
+            keys = cache.access_keys(np.concatenate([warmup, timed]), stream.n_experts)
+            for share in shares:
+                capacity = int(round(share * n_layers * stream.n_experts))
+                before = cache.simulate_cache(keys[:-timed.size], policy, capacity).misses if warmup.size else 0
+                misses = cache.simulate_cache(keys, policy, capacity).misses - before
+                rows.append({"routing_source": source, "share": share, "policy": policy, "warm": str(tokens),
+                             "warm_decode_steps": len(warmup), "timed_decode_steps": len(timed),
+                             "misses_per_token": misses / len(timed), "hit_rate": 1 - misses / timed.size})
+    return pd.DataFrame(rows)
 
 
 def _with_ratios(measured: pd.DataFrame) -> pd.DataFrame:
