@@ -89,16 +89,14 @@ def main(argv=None) -> None:
     if not settings:
         raise ValueError(f"--shares {args.shares} selects no setting of {args.grid}; their shares: "
                          f"{sorted({s['share'] for g in args.grid for s in GRIDS[g]})}")
-    streams = {path.stem: routing.read_trace(path) for path in sorted(STREAMS.glob("*.npz"))}
-    if not streams:
-        raise ValueError(f"no streams in {STREAMS}: run `python scripts/paper_scale.py export` first")
+    streams = _streams()
     shrink = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
               "num_key_value_heads": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
               "vocab_size": 1024} if args.tiny else {}
     started = time.perf_counter()
     folder = Path(args.out)
     common = {"repeats": args.repeats, "new_tokens": args.new_tokens, "requests": args.requests, "grids": args.grid,
-              "warm_tokens": args.warm_tokens,
+              "warm_tokens": args.warm_tokens, "shares": args.shares or "all",
               "layer_map": "stand-in MoE layer floor(l * 6 / 27) for paper MoE layer l (routing.default_layer_map)"}
 
     def write(grid: str, measured, setup: dict) -> None:
@@ -112,7 +110,6 @@ def main(argv=None) -> None:
         print(f"{grid}: {len(measured)} runs at {extra['seconds']} s", measured.groupby(serving.LONG_PROMPT_KEYS)[
             ["tokens_per_s", "hit_rate", "ttft_s"]].median().to_string(), flush=True)
 
-    common["shares"] = args.shares or "all"
     serving.paper_scale_measure(streams, settings, repeats=args.repeats, new_tokens=args.new_tokens,
                                 requests=args.requests, warm_tokens=args.warm_tokens, device=args.device,
                                 store_path=args.store,
@@ -120,14 +117,22 @@ def main(argv=None) -> None:
                                 on_grid=write, **shrink)
 
 
-def warmth(cfg, folder: Path, timed_tokens: int) -> None:
-    """The timed request's decode misses after each warm-up (`serving.paper_scale_warmth`, a simulation on the
-    exported streams), beside the engine's measured misses where the committed host grid has the same point."""
-    import pandas as pd
-
+def _streams() -> dict:
+    """The exported streams (`export`), by run name."""
     streams = {path.stem: routing.read_trace(path) for path in sorted(STREAMS.glob("*.npz"))}
     if not streams:
         raise ValueError(f"no streams in {STREAMS}: run `python scripts/paper_scale.py export` first")
+    return streams
+
+
+def warmth(cfg, folder: Path, timed_tokens: int) -> None:
+    """The timed request's decode misses after each warm-up (`serving.paper_scale_warmth`, a simulation on the
+    exported streams), beside the engine's measured misses where the committed host grid has the same point."""
+    import json
+
+    import pandas as pd
+
+    streams = _streams()
     table = serving.paper_scale_warmth(streams, timed_tokens=timed_tokens)
     measured = folder / "measurements_host.csv"
     if measured.is_file():
@@ -135,10 +140,12 @@ def warmth(cfg, folder: Path, timed_tokens: int) -> None:
         host = host[(host.policy == "lru") & ~host.prefetch.astype(bool)]
         engine = host.groupby(["routing_source", "share"]).misses_per_token.median().rename("engine_misses_per_token")
         table = table.join(engine, on=["routing_source", "share"])
-        table.loc[table.warm != "8", "engine_misses_per_token"] = float("nan")  # the engine warmed 8 tokens
+        # the engine's warm-up, from its sidecar (tables from before --warm-tokens warmed 8)
+        warmed = json.loads(measured.with_suffix(".json").read_text()).get("warm_tokens", 8)
+        table.loc[table.warm != str(warmed), "engine_misses_per_token"] = float("nan")
     save_table(table, folder / "warmth", cfg, timed_tokens=timed_tokens, streams=sorted(streams),
                note="simulation (LRU) of the timed request after each warm-up; engine_misses_per_token: the committed "
-                    "host grid's median, measured after an 8-token warm-up")
+                    "host grid's median, measured after its own warm-up (the row with that many tokens)")
     print(table.to_string(index=False))
 
 

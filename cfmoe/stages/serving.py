@@ -806,8 +806,8 @@ def paper_scale_warmth(streams: dict, shares=(0.0625, 0.25, 0.5, 0.75), warm=WAR
     """How cold the paper-scale measurement's cache is, in simulation: the decode misses of the timed request
     (the stream's first: `timed_tokens` decode steps, as `paper_scale_measure` times one request of 32 new tokens)
     through a cache of `share` of the paper model's routed experts, after warming it with the decode steps of
-    `warm` tokens of the stream's last request (as the measurement does, 8 by default), or of every other request
-    ("all": about steady state). Paper layer l replays stand-in layer `routing.default_layer_map`'s, as the
+    `warm` tokens of the stream's last request (as the measurement does: `paper_scale_measure`'s `warm_tokens`),
+    or of every other request ("all": about steady state). Paper layer l replays stand-in layer `routing.default_layer_map`'s, as the
     replayed model does; prefill stays out of the decode cache (disaggregated)."""
     rows = []
     for source, stream in streams.items():
@@ -826,8 +826,7 @@ def paper_scale_warmth(streams: dict, shares=(0.0625, 0.25, 0.5, 0.75), warm=WAR
             keys = cache.access_keys(np.concatenate([warmup, timed]), stream.n_experts)
             for share in shares:
                 capacity = int(round(share * n_layers * stream.n_experts))
-                before = cache.simulate_cache(keys[:-timed.size], policy, capacity).misses if warmup.size else 0
-                misses = cache.simulate_cache(keys, policy, capacity).misses - before
+                misses = int((~cache.simulate_cache(keys, policy, capacity).hits_mask[-timed.size:]).sum())
                 rows.append({"routing_source": source, "share": share, "policy": policy, "warm": str(tokens),
                              "warm_decode_steps": len(warmup), "timed_decode_steps": len(timed),
                              "misses_per_token": misses / len(timed), "hit_rate": 1 - misses / timed.size})
