@@ -202,6 +202,33 @@ def test_the_engine_falls_back_to_the_next_fastest_implementation_that_runs_over
     assert results["experts_implementation"] == meta.engine_experts_implementation
 
 
+
+def test_the_engine_checks_its_implementation_on_the_largest_pool_any_setting_asks_for(tmp_path, monkeypatch):
+    """A kernel that runs over small pools but rejects large ones (grouped_mm takes at most 1,024 groups: fewer
+    than three quarters of the paper-scale model's experts) is found out before the grid starts, so every run of
+    the grid uses one implementation and none fails mid-grid."""
+    from cfmoe.serving import OffloadEngine
+
+    streams, generate = _tiny_streams(), OffloadEngine.generate
+    first = []
+
+    def limited(self, *args, **kwargs):
+        first[:] = first or [self.experts_implementation]
+        if self.experts_implementation == first[0] and self.cache.n_slots > 0.5 * self.cache_keys_total:
+            raise RuntimeError(f"{first[0]} takes no pool of {self.cache.n_slots} slots")
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(OffloadEngine, "cache_keys_total", property(lambda self: len(self.info.layers)
+                                                                    * self.info.n_experts), raising=False)
+    monkeypatch.setattr(OffloadEngine, "generate", limited)
+    settings = [{"tier": "host", "share": share, "policy": "lru", "sources": tuple(streams)} for share in (0.25, 0.75)]
+    out = serving_study.paper_scale_measure(streams, settings, repeats=1, new_tokens=4, requests=1, device="cpu",
+                                            store_path=tmp_path / "store.safetensors", dtype_name="float32",
+                                            **TINY_PAPER_MODEL)
+    meta, m = out["meta"].iloc[0], out["measurements"]
+    assert meta.engine_experts_implementation != first[0]
+    assert len(m) == 2 * len(streams) and (m.experts_implementation == meta.engine_experts_implementation).all()
+
 def test_paper_scale_warmth_counts_the_timed_requests_misses_after_each_warm_up():
     """With every expert fitting, a timed decode step misses exactly the keys neither the warm-up nor an earlier
     timed step touched (paper layer l replays stand-in layer l * 2 // 5 here); prefill rows stay out."""

@@ -629,6 +629,11 @@ def _prompt_ids(rows: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(10, 1000, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _capacity(share: float, top_k: int, n_routed: int) -> int:
+    """The engine's cache slots for a share of the routed experts (at least one token's top-k)."""
+    return int(max(top_k, round(share * n_routed)))
+
+
 @torch.no_grad()
 def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, new_tokens: int = 32,
                         requests: int = 2, warm_tokens: int = 8, seed: int = 0, device: str = "cuda",
@@ -726,12 +731,14 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
         out, stats = engine.generate(ids.to(device), max_new_tokens=max_new_tokens, **kwargs)
         return stats["decode_s"], stats["new_tokens"] - 1, stats
 
-    # the engine runs the fastest implementation that runs over its slot pool here, tried fastest first on a
-    # quarter of the experts (a kernel that serves the resident model may still reject the pool's shapes)
+    # the engine runs the fastest implementation that runs over its slot pool here, tried fastest first on the
+    # largest pool the settings ask for (a kernel that serves the resident model may still reject the pool's shapes:
+    # grouped_mm takes at most 1,024 groups, fewer than three quarters of this model's experts)
+    largest = max(_capacity(s["share"], info.top_k, n_routed) for s in settings if not s.get("experts"))
     engine_implementation = None
     for name in sorted(speeds, key=speeds.get, reverse=True):
         try:
-            engine.reconfigure(max(info.top_k, n_routed // 4), "lru", experts_implementation=name)
+            engine.reconfigure(largest, "lru", experts_implementation=name)
             serve(engine_generate, streams[next(iter(streams))])
         except (RuntimeError, ValueError, NotImplementedError) as error:
             print(f"the engine's experts implementation {name} failed here, trying the next: {error}", flush=True)
@@ -740,6 +747,9 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
         break
     if engine_implementation is None:
         raise RuntimeError(f"no experts implementation of {sorted(speeds)} runs over the engine's slot pool here")
+    print(f"set-up done at {time.perf_counter() - started:.0f} s: resident {implementation} "
+          f"({resident_tps.round(1).to_dict()} tokens/s), engine {engine_implementation} up to {largest} slots",
+          flush=True)
     setup = {"resident": resident, "sizes": sizes,
              "meta": pd.DataFrame([{"experts_implementation": implementation, "implementation_tokens_per_s": speeds,
                                     "engine_experts_implementation": engine_implementation,
@@ -758,7 +768,7 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
                 break
             setting, source, repeat = runs_[index]
             tier, gbps = setting["tier"], setting.get("gbps")
-            capacity = int(max(info.top_k, round(setting["share"] * n_routed)))
+            capacity = _capacity(setting["share"], info.top_k, n_routed)
             mode, batch = setting.get("mode", "disaggregated"), setting.get("concurrent", 1)
             engine.reconfigure(capacity, setting["policy"], mode=mode, tier=tier, bandwidth_gbps=gbps,
                                prefetch=bool(setting.get("prefetch")),
