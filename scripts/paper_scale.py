@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warm-tokens", type=int, default=64,
                         help="tokens of the stream's last request served before each timed run; 64 comes near the "
                              "steady state of `warmth` (the committed H200 tables used 8: a nearly cold cache)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "05_serving" / serving.PAPER_SCALE))
+    parser.add_argument("--out", help="default: results/05_serving/paper_scale/ (under $CFMOE_RESULTS if set)")
     parser.add_argument("--store", default="/tmp/cfmoe_paper_scale.safetensors")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (CPU tests)")
@@ -73,6 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shares", type=float, nargs="+", help="only these shares of each grid (default: all)")
     args = parser.parse_args(argv)
     cfg = load_config("cpu")
+    args.out = args.out or str(cfg.results_dir(serving.NOTEBOOK) / serving.PAPER_SCALE)
     if args.action == "export":
         print(serving.export_streams(cfg, STREAMS))
         return

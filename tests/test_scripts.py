@@ -117,3 +117,42 @@ def test_paper_scale_rejects_bad_measure_options_in_one_line(args, message):
                            *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"scripts/paper_scale.py: error: {message}"], proc.stderr
+
+
+def test_device_chain_launches_work_in_its_own_session_that_outlives_its_caller_and_packs_its_results(tmp_path):
+    """What the device calls rely on: `launch` returns at once, its command runs in a new process session (the
+    device ends the caller's processes when a call returns), and `poll` waits for it and packs log and results."""
+    import os
+    import signal
+    import tarfile
+    import time
+
+    repo, work, out = tmp_path / "repo", tmp_path / "work", tmp_path / "out"
+    (repo / "scripts").mkdir(parents=True)
+    out.mkdir()
+    script = repo / "scripts" / "device_chain.sh"
+    script.write_bytes((ROOT / "scripts" / "device_chain.sh").read_bytes())
+    script.chmod(0o755)
+    env = {**os.environ, "CFMOE_DEVICE_WORK": str(work), "OUT": str(out)}
+    job = 'sleep 2; mkdir -p "$CFMOE_RESULTS/05_serving"; echo measured > "$CFMOE_RESULTS/05_serving/x.csv"; echo ok'
+    caller = subprocess.Popen([str(script), "launch", "bash", "-c", job], env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, text=True)
+    said, _ = caller.communicate(timeout=30)
+    assert caller.returncode == 0 and said.startswith("started bash -c")
+    pid = int((work / "pid").read_text())
+    assert os.getsid(pid) != caller.pid and os.getsid(pid) == pid  # a session of its own, led by the work
+    try:
+        os.killpg(caller.pid, signal.SIGKILL)  # the caller's process group ends, as when a device call returns
+    except ProcessLookupError:
+        pass
+    time.sleep(0.2)
+    os.kill(pid, 0)  # still running
+    polled = subprocess.run([str(script), "poll", "30"], env=env, capture_output=True, text=True, timeout=60)
+    assert polled.returncode == 0 and "[chain] not running (ended)" in polled.stdout and "ok" in polled.stdout
+    with tarfile.open(out / "results.tgz") as tar:
+        assert {"log", "results/05_serving/x.csv"} <= set(tar.getnames())
+    for args, message in [(["launch"], "launch needs a command"), (["start"], "start needs stages"),
+                          (["poll", "soon"], "poll needs seconds, got 'soon'"), (["go"], "use 'start STAGES...'")]:
+        bad = subprocess.run([str(script), *args], env={**env, "CFMOE_DEVICE_WORK": str(tmp_path / "none")},
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -140,7 +140,8 @@ def test_paper_scale_measurement_runs_end_to_end_on_a_tiny_model(tmp_path, monke
     m.to_csv(folder / "measurements_host.csv", index=False)
     out["meta"].to_csv(folder / "machine_host.csv", index=False)
     results = serving_study.paper_scale_results(cfg)
-    assert len(results["verdicts"]) == 3 and all(v.endswith(("met)", "missed)")) for v in results["verdicts"])
+    assert len(results["verdicts"]) == 3
+    assert all(v.endswith(("met)", "missed)", "straddles it)")) and "[" in v for v in results["verdicts"])
     medians = results["medians"]
     assert len(medians) == 3 * 2 + (kernel != "batched_mm") * 2 and (medians.repeats == 2).all()
     assert medians.headline.sum() == 3 * 2 and results["experts_implementation"] == kernel
@@ -251,3 +252,16 @@ def test_paper_scale_warmth_counts_the_timed_requests_misses_after_each_warm_up(
             assert row.misses_per_token == misses / 6 and row.warm_decode_steps == len(warmup)
     assert (table.set_index(["routing_source", "warm", "share"]).misses_per_token.unstack().pipe(
         lambda m: m[0.25] >= m[1.0])).all()  # a smaller cache never misses less under LRU (inclusion)
+
+
+def test_the_worst_settings_share_is_the_smallest_median_with_a_joint_bootstrap_interval():
+    """The goal 'at every share' takes the smallest median; its interval comes from resampling every setting
+    (a setting near the worst one widens it downward), and it reads nan without repeats to resample."""
+    low, high = np.array([0.70, 0.72, 0.74, 0.76, 0.90]), np.array([0.95, 0.96, 0.97, 0.98, 0.99])
+    value, lo, hi = serving_study._min_median_interval([high, low])
+    assert value == np.median(low) and 0.70 <= lo <= value <= hi <= 0.90
+    alone = serving_study._min_median_interval([low])
+    close = serving_study._min_median_interval([low, low + 0.01])  # the same draws for `low`, then a second setting
+    assert alone[0] == close[0] == value and close[1] <= alone[1] and close[2] <= alone[2]
+    assert np.isnan(serving_study._min_median_interval([np.array([0.8])])[1])
+    assert np.isnan(serving_study._min_median_interval([])[0])
