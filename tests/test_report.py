@@ -95,6 +95,11 @@ def test_paper_scale_row_gives_each_reached_share_with_its_interval_against_the_
            "below the paper's); 50% cached: −40.0% [−45.0%, −30.0%] (8.00 of 20.00 GB, covers the paper's); medians " \
            "of 5 repeats](05_serving/paper_scale/memory_saved.csv)" in cell, cell
     assert "6%" not in cell and "−90.0%" not in cell and cell.endswith("| — |")
+    write(tmp_path, "05_serving", "paper_scale/machine_host",
+          [{"device": "NVIDIA H100 80GB HBM3", "engine_experts_implementation": "batched_mm"}])
+    text = report.build(tmp_path)
+    cell = [line for line in text.splitlines() if line.startswith(f"| {report.ROWS['engine_paper_scale']}")][0]
+    assert "medians of 5 repeats; on an NVIDIA H100 80GB HBM3, the engine on batched_mm](05_serving/paper_scale/" in cell
 
 
 def test_committed_summary_matches_the_committed_tables():

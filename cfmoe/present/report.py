@@ -88,9 +88,10 @@ def _engine_memory(summary: pd.DataFrame, saved: pd.DataFrame | None, repeats: i
     return text
 
 
-def _paper_scale_memory(saved: pd.DataFrame) -> str:
+def _paper_scale_memory(saved: pd.DataFrame, machine: pd.DataFrame | None = None) -> str:
     """The engine's memory saved at the paper's size (host tier, LRU): at each share where CFMoE reaches the
-    control's tokens/s, with its bootstrap interval over repeats, against the paper's 35.7%."""
+    control's tokens/s, with its bootstrap interval over repeats, against the paper's 35.7%; the card and the
+    engine's experts implementation from the host grid's machine table."""
     rows = saved[(saved.tier == "host") & (saved.policy == "lru") & (saved.baseline == engine_stage.BASELINE)]
     if "headline" in rows:  # the engine on the resident baseline's experts implementation (`paper_scale_results`)
         rows = rows[rows.headline.astype(bool)]
@@ -105,8 +106,13 @@ def _paper_scale_memory(saved: pd.DataFrame) -> str:
     shares = "; ".join(f"{r.share:.0%} cached: {_less(r.memory_saved)} [{_less(r.memory_saved_high)}, "
                        f"{_less(r.memory_saved_low)}] ({r.saved_mb / 1e3:.2f} of {r.memory_baseline_gb:.2f} GB, "
                        f"{against_paper(r)})" for r in reached.itertuples())
+    where = ""
+    if machine is not None and len(machine):
+        m = machine.iloc[0]
+        where = f"; on an {m.device}" + (f", the engine on {m.engine_experts_implementation}"
+                                         if "engine_experts_implementation" in machine else "")
     return (f"CFMoE vs control at the control's tokens/s with {shares}; medians of {int(reached.repeats.min())} "
-            f"repeats")
+            f"repeats{where}")
 
 
 README_START, README_END = "<!-- summary:start -->", "<!-- summary:end -->"
@@ -222,7 +228,8 @@ def headline(root: Path, preset: str) -> dict[str, str]:
                                       f"({int(used):,} of {int(guessed):,} prefetched experts used)", measurements_path)
     scaled, path = _table(root, "05_serving", preset, f"{engine_stage.PAPER_SCALE}/memory_saved")
     if scaled is not None:
-        cells["engine_paper_scale"] = _link(_paper_scale_memory(scaled), path)
+        machine, _ = _table(root, "05_serving", preset, f"{engine_stage.PAPER_SCALE}/machine_host")
+        cells["engine_paper_scale"] = _link(_paper_scale_memory(scaled, machine), path)
     beyond, path = _table(root, "06_beyond_cfmoe", preset, "methods_summary")
     if beyond is not None:
         at = beyond[(beyond.cache_share == 0.25) & (beyond.policy == "lru")].set_index("method")
@@ -257,7 +264,7 @@ ROWS = {
                      "beside; medians of repeats, [95% bootstrap interval])",
     "engine_paper_scale": "Measured memory saved at equal decode tokens/s at the paper's size (a random-weight "
                           "DeepSeek-MoE-16B-sized model replaying the study's routing, experts in pinned host memory, "
-                          "LRU, on an H200; [95% bootstrap interval over repeats])",
+                          "LRU, on a GPU; [95% bootstrap interval over repeats])",
     "engine_modes": "Measured decode tokens/s, disaggregated vs unified prefill (engine, LRU)",
     "engine_model": "Cost model vs measured decode tokens/s (engine)",
     "prefetch": "Next-layer expert prefetch, measured decode tokens/s (engine, LRU)",
