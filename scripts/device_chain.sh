@@ -9,14 +9,16 @@
 #                                 scripts/device_chain.sh poll 480
 #   or (carry [".whl", "artifacts/cpu/paper_scale"]):
 #                                 scripts/device_chain.sh launch python3 scripts/paper_scale.py measure --grid host
-#                                 --out /tmp/cfmoe/results --store /dev/shm/store.safetensors && ... poll 560
+#                                 --store /dev/shm/store.safetensors && ... poll 560
 #   later calls:                  scripts/device_chain.sh poll 560
 # Start long work this way, not inline: on 2026-12-07 a paper-scale run started inline in a device command
 # (`a && b && setsid nohup cmd &`) ended, without an error, when its first call returned (cause not found), while
 # earlier gpu chains launched like this ran on across calls. tests/test_scripts.py checks the session and the packing.
 set -euo pipefail
 WORK="${CFMOE_DEVICE_WORK:-/tmp/cfmoe}"
-running() { [ -f "$WORK/pid" ] && kill -0 "$(cat "$WORK/pid")" 2>/dev/null; }
+# alive and not a zombie (where nothing reaps the orphaned work, an ended one stays in the process table)
+running() { [ -f "$WORK/pid" ] && kill -0 "$(cat "$WORK/pid")" 2>/dev/null \
+  && ! grep -q '^State:[[:space:]]*Z' "/proc/$(cat "$WORK/pid")/status" 2>/dev/null; }
 case "${1:-}" in
   start|launch)
     verb="$1"; shift

@@ -99,7 +99,7 @@ def test_paper_scale_row_gives_each_reached_share_with_its_interval_against_the_
           [{"device": "NVIDIA H100 80GB HBM3", "engine_experts_implementation": "batched_mm"}])
     text = report.build(tmp_path)
     cell = [line for line in text.splitlines() if line.startswith(f"| {report.ROWS['engine_paper_scale']}")][0]
-    assert "medians of 5 repeats; on an NVIDIA H100 80GB HBM3, the engine on batched_mm](05_serving/paper_scale/" in cell
+    assert "medians of 5 repeats; measured on NVIDIA H100 80GB HBM3, the engine on batched_mm](05_serving/paper_scale/" in cell
 
 
 def test_committed_summary_matches_the_committed_tables():

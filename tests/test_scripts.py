@@ -140,6 +140,10 @@ def test_device_chain_launches_work_in_its_own_session_that_outlives_its_caller_
     said, _ = caller.communicate(timeout=30)
     assert caller.returncode == 0 and said.startswith("started bash -c")
     pid = int((work / "pid").read_text())
+    for _ in range(100):  # the child may not have called setsid yet when the launcher returns
+        if os.getsid(pid) == pid:
+            break
+        time.sleep(0.01)
     assert os.getsid(pid) != caller.pid and os.getsid(pid) == pid  # a session of its own, led by the work
     try:
         os.killpg(caller.pid, signal.SIGKILL)  # the caller's process group ends, as when a device call returns

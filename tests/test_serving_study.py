@@ -229,6 +229,12 @@ def test_the_engine_checks_its_implementation_on_the_largest_pool_any_setting_as
     meta, m = out["meta"].iloc[0], out["measurements"]
     assert meta.engine_experts_implementation != first[0]
     assert len(m) == 2 * len(streams) and (m.experts_implementation == meta.engine_experts_implementation).all()
+    monkeypatch.setattr(OffloadEngine, "generate", generate)
+    own = [{**settings[0], "experts": "eager"}]  # every setting names its implementation: still checked, and run
+    out = serving_study.paper_scale_measure(streams, own, repeats=1, new_tokens=4, requests=1, device="cpu",
+                                            store_path=tmp_path / "store.safetensors", dtype_name="float32",
+                                            **TINY_PAPER_MODEL)
+    assert (out["measurements"].experts_implementation == "eager").all() and len(out["measurements"]) == len(streams)
 
 def test_paper_scale_warmth_counts_the_timed_requests_misses_after_each_warm_up():
     """With every expert fitting, a timed decode step misses exactly the keys neither the warm-up nor an earlier
@@ -264,4 +270,6 @@ def test_the_worst_settings_share_is_the_smallest_median_with_a_joint_bootstrap_
     close = serving_study._min_median_interval([low, low + 0.01])  # the same draws for `low`, then a second setting
     assert alone[0] == close[0] == value and close[1] <= alone[1] and close[2] <= alone[2]
     assert np.isnan(serving_study._min_median_interval([np.array([0.8])])[1])
+    with_nan = serving_study._min_median_interval([np.array([np.nan, 0.95, 0.97]), low])  # a lost repeat is dropped
+    assert with_nan[0] == value and np.isfinite(with_nan[1:]).all()
     assert np.isnan(serving_study._min_median_interval([])[0])

@@ -93,7 +93,7 @@ def _paper_scale_memory(saved: pd.DataFrame, machine: pd.DataFrame | None = None
     control's tokens/s, with its bootstrap interval over repeats, against the paper's 35.7%; the card and the
     engine's experts implementation from the host grid's machine table."""
     rows = saved[(saved.tier == "host") & (saved.policy == "lru") & (saved.baseline == engine_stage.BASELINE)]
-    if "headline" in rows:  # the engine on the resident baseline's experts implementation (`paper_scale_results`)
+    if "headline" in rows:  # the engine on its own default experts implementation (`paper_scale_results`)
         rows = rows[rows.headline.astype(bool)]
     reached = rows.dropna(subset=["memory_saved"])
     if reached.empty:
@@ -109,8 +109,8 @@ def _paper_scale_memory(saved: pd.DataFrame, machine: pd.DataFrame | None = None
     where = ""
     if machine is not None and len(machine):
         m = machine.iloc[0]
-        where = f"; on an {m.device}" + (f", the engine on {m.engine_experts_implementation}"
-                                         if "engine_experts_implementation" in machine else "")
+        kernel = m.get("engine_experts_implementation")
+        where = f"; measured on {m.device}" + (f", the engine on {kernel}" if isinstance(kernel, str) else "")
     return (f"CFMoE vs control at the control's tokens/s with {shares}; medians of {int(reached.repeats.min())} "
             f"repeats{where}")
 

@@ -734,7 +734,7 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
     # the engine runs the fastest implementation that runs over its slot pool here, tried fastest first on the
     # largest pool the settings ask for (a kernel that serves the resident model may still reject the pool's shapes:
     # grouped_mm takes at most 1,024 groups, fewer than three quarters of this model's experts)
-    largest = max(_capacity(s["share"], info.top_k, n_routed) for s in settings if not s.get("experts"))
+    largest = max((_capacity(s["share"], info.top_k, n_routed) for s in settings), default=info.top_k)
     engine_implementation = None
     for name in sorted(speeds, key=speeds.get, reverse=True):
         try:
@@ -897,7 +897,8 @@ def _median_interval(values) -> tuple[float, float, float]:
 def _min_median_interval(groups, resamples: int = stats.BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float, float]:
     """The smallest of several settings' medians over repeats, and its 95% percentile-bootstrap interval (each
     setting's repeats resampled on their own, the minimum taken per draw); nan where nothing was measured."""
-    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    groups = [g[np.isfinite(g)] for g in (np.asarray(g, dtype=float) for g in groups)]
+    groups = [g for g in groups if len(g)]
     if not groups:
         return (float("nan"),) * 3
     value = float(min(np.median(g) for g in groups))
@@ -925,9 +926,9 @@ def paper_scale_results(cfg: StudyConfig) -> dict | None:
     if not measured.experts_implementation.eq(kernel).any():
         kernel = measured.experts_implementation.mode().iloc[0]
     medians = summarize_repeats(measured, keys=PAPER_SCALE_KEYS, timed=("tokens_per_s",))
-    medians["headline"] = (medians.experts_implementation == kernel) & ~medians.prefetch.astype(bool)
+    medians["headline"] = (medians.experts_implementation == kernel) & ~medians.prefetch.fillna(False).astype(bool)
     # each goal: a median over repeats with its 95% percentile-bootstrap interval, met only when the interval clears
-    own = measured[(measured.experts_implementation == kernel) & ~measured.prefetch.astype(bool)]
+    own = measured[(measured.experts_implementation == kernel) & ~measured.prefetch.fillna(False).astype(bool)]
     half = own[(own.tier == "host") & (own.policy == "lru") & (own.routing_source == "cfmoe")
                & (own.share == claims.PAPER_SCALE_HALF_SHARE)].of_resident
     # of the limit at the worst setting: the smallest of the settings' medians, bootstrapped jointly
@@ -937,7 +938,7 @@ def paper_scale_results(cfg: StudyConfig) -> dict | None:
                 claims.OF_LIMIT.verdict_interval(*worst, signed=False),
                 claims.OF_COPY_BANDWIDTH.verdict_interval(*of_copy, signed=False)]
     saved = paper_scale_saved(measured)
-    saved["headline"] = (saved.experts_implementation == kernel) & ~saved.prefetch.astype(bool)
+    saved["headline"] = (saved.experts_implementation == kernel) & ~saved.prefetch.fillna(False).astype(bool)
     return {"measured": measured, "medians": medians, "saved": saved, "machine": machine, "verdicts": verdicts,
             "experts_implementation": kernel}
 
