@@ -865,10 +865,11 @@ def paper_scale_saved(measured: pd.DataFrame, baseline: str = "lora_control", ca
 
 
 def _engine_kernels(measured: pd.DataFrame) -> pd.DataFrame:
-    """Measurements from before the engine could run other experts implementations ran the eager one."""
-    if "experts_implementation" not in measured:
-        return measured.assign(experts_implementation="eager")
-    return measured.fillna({"experts_implementation": "eager"})
+    """Measurements from before the engine could run other experts implementations ran the eager one, and those
+    from before it could prefetch did not prefetch (tables of several grids, concatenated, may lack either)."""
+    defaults = {"experts_implementation": "eager", "prefetch": False}
+    measured = measured.assign(**{c: v for c, v in defaults.items() if c not in measured})
+    return measured.fillna(defaults).astype({"prefetch": bool})
 
 
 LONG_PROMPT_KEYS = ["routing_source", "tier", "policy", "share", "prompt_tokens", "concurrent", "mode"]
@@ -885,7 +886,6 @@ def long_prompt_summary(measured: pd.DataFrame) -> pd.DataFrame:
     summary["tokens_per_s_vs_unified"] = summary.tokens_per_s.to_numpy() / unified.tokens_per_s.reindex(at).to_numpy() - 1
     summary["hit_rate_vs_unified"] = summary.hit_rate.to_numpy() - unified.hit_rate.reindex(at).to_numpy()
     return summary
-
 
 
 def _median_interval(values) -> tuple[float, float, float]:
@@ -909,6 +909,7 @@ def _min_median_interval(groups, resamples: int = stats.BOOTSTRAP_SAMPLES, seed:
     low, high = np.quantile(draws, [(1 - stats.LEVEL) / 2, (1 + stats.LEVEL) / 2])
     return value, float(low), float(high)
 
+
 def paper_scale_results(cfg: StudyConfig) -> dict | None:
     """The committed paper-scale measurements (results/05_serving/paper_scale/, from scripts/paper_scale.py on
     a GPU), memory saved with intervals and the goals' verdicts; None when they have not been measured."""
@@ -926,9 +927,9 @@ def paper_scale_results(cfg: StudyConfig) -> dict | None:
     if not measured.experts_implementation.eq(kernel).any():
         kernel = measured.experts_implementation.mode().iloc[0]
     medians = summarize_repeats(measured, keys=PAPER_SCALE_KEYS, timed=("tokens_per_s",))
-    medians["headline"] = (medians.experts_implementation == kernel) & ~medians.prefetch.fillna(False).astype(bool)
+    medians["headline"] = (medians.experts_implementation == kernel) & ~medians.prefetch
     # each goal: a median over repeats with its 95% percentile-bootstrap interval, met only when the interval clears
-    own = measured[(measured.experts_implementation == kernel) & ~measured.prefetch.fillna(False).astype(bool)]
+    own = measured[(measured.experts_implementation == kernel) & ~measured.prefetch]
     half = own[(own.tier == "host") & (own.policy == "lru") & (own.routing_source == "cfmoe")
                & (own.share == claims.PAPER_SCALE_HALF_SHARE)].of_resident
     # of the limit at the worst setting: the smallest of the settings' medians, bootstrapped jointly
@@ -938,7 +939,7 @@ def paper_scale_results(cfg: StudyConfig) -> dict | None:
                 claims.OF_LIMIT.verdict_interval(*worst, signed=False),
                 claims.OF_COPY_BANDWIDTH.verdict_interval(*of_copy, signed=False)]
     saved = paper_scale_saved(measured)
-    saved["headline"] = (saved.experts_implementation == kernel) & ~saved.prefetch.fillna(False).astype(bool)
+    saved["headline"] = (saved.experts_implementation == kernel) & ~saved.prefetch
     return {"measured": measured, "medians": medians, "saved": saved, "machine": machine, "verdicts": verdicts,
             "experts_implementation": kernel}
 
