@@ -97,7 +97,8 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     folder = Path(args.out)
     common = {"repeats": args.repeats, "new_tokens": args.new_tokens, "requests": args.requests, "grids": args.grid,
-              "warm_tokens": args.warm_tokens, "shares": args.shares or "all",
+              "warm_tokens": args.warm_tokens, "warm_up_reads": "host tier (untimed: only fills the cache)",
+              "shares": args.shares or "all",
               "layer_map": "stand-in MoE layer floor(l * 6 / 27) for paper MoE layer l (routing.default_layer_map)"}
 
     def write(grid: str, measured, setup: dict) -> None:

@@ -263,3 +263,26 @@ def test_reconfigure_serves_a_sweep_with_one_engine(tmp_path):
         assert (stats["decode_hits"], stats["decode_misses"]) == (fresh_stats["decode_hits"], fresh_stats["decode_misses"])
     with pytest.raises(ValueError, match=r"capacity 1 experts \(in all\) is smaller than one layer's top-k of 2"):
         engine.reconfigure(1)
+
+
+def test_an_engine_reads_through_another_tier_for_a_while_and_keeps_its_cache(tmp_path):
+    """`reading_from`: loads go through the given tier (no emulated sleeps), the cache and its counters carry on,
+    and the engine's own tier is back afterwards (the paper-scale warm-up of an emulated tier)."""
+    lm, tok = tiny_moe("qwen2_moe", n_experts=8, top_k=2, n_layers=3), tiny_tokenizer()
+    ids = tok(["the cat sat on the mat and"], return_tensors="pt")["input_ids"]
+    kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    engine = OffloadEngine(lm, tmp_path / "s.safetensors", 6, tier="page_cache", verify=False)
+    slow = 1e-4  # GB/s: an expert of this model (a few kB) sleeps tens of milliseconds
+    engine.reconfigure(6, "lru", tier="throttled", bandwidth_gbps=slow)
+    throttled = engine.store
+    with engine.reading_from("page_cache") as same:
+        assert same is engine and engine.tier == "page_cache" and engine.store is not throttled
+        engine.generate(ids, max_new_tokens=3, **kwargs)
+    misses = sum(engine.counters.misses.values())
+    seconds = sum(engine.counters.load_seconds.values())
+    assert misses > 0 and seconds / misses < 0.2 * engine.expert_bytes / (slow * 1e9)
+    cached = {layer: dict(pool) for layer, pool in engine.cache.buckets.items()}
+    assert engine.tier == "throttled" and engine.store is throttled and cached  # back, the cache kept
+    engine.generate(ids, max_new_tokens=3, **kwargs)  # each call counts afresh: a miss now sleeps again
+    misses, seconds = sum(engine.counters.misses.values()), sum(engine.counters.load_seconds.values())
+    assert misses > 0 and seconds / misses >= 0.5 * engine.expert_bytes / (slow * 1e9)

@@ -273,3 +273,23 @@ def test_the_worst_settings_share_is_the_smallest_median_with_a_joint_bootstrap_
     with_nan = serving_study._min_median_interval([np.array([np.nan, 0.95, 0.97]), low])  # a lost repeat is dropped
     assert with_nan[0] == value and np.isfinite(with_nan[1:]).all()
     assert np.isnan(serving_study._min_median_interval([])[0])
+
+
+def test_an_emulated_tiers_warm_up_reads_through_the_host_tier_and_its_timed_decode_through_its_own(tmp_path,
+                                                                                                    monkeypatch):
+    """The warm-up only fills the cache: it need not wait out the emulated tier's sleeps; the timed requests do."""
+    from cfmoe.serving import OffloadEngine
+
+    streams, generate, calls = _tiny_streams(), OffloadEngine.generate, []
+
+    def recorded(self, ids, max_new_tokens, **kwargs):
+        calls.append((self.tier, max_new_tokens))
+        return generate(self, ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(OffloadEngine, "generate", recorded)
+    settings = [{"tier": "throttled", "gbps": 4.5, "share": 0.5, "policy": "lru", "sources": ("cfmoe",)}]
+    out = serving_study.paper_scale_measure(streams, settings, repeats=2, new_tokens=4, requests=1, warm_tokens=3,
+                                            device="cpu", store_path=tmp_path / "store.safetensors",
+                                            dtype_name="float32", **TINY_PAPER_MODEL)
+    timed = calls[-4:]  # two repeats of (warm-up, one request), after the set-up's own engine runs
+    assert timed == [("host", 3), ("throttled", 4)] * 2 and (out["measurements"].tier == "throttled").all()

@@ -25,6 +25,7 @@ seeds the cache per layer from the prompt's last tokens (copied from the staging
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import time
@@ -211,6 +212,26 @@ class OffloadEngine:
             layer.experts.forward = self._forward(index, layer.experts.forward)
         self._hook = model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
 
+    def _opened(self, tier: str, bandwidth_gbps: float | None) -> ExpertStore:
+        """The store read through `tier`, opened once (unverified: it was checked when first opened)."""
+        key = (tier, bandwidth_gbps)
+        if key not in self._stores:
+            self._stores[key] = ExpertStore(self.store.path, tier, bandwidth_gbps, self.device, verify=False)
+        return self._stores[key]
+
+    @contextlib.contextmanager
+    def reading_from(self, tier: str, bandwidth_gbps: float | None = None):
+        """Loads read through another tier of the same store for a while, the cache and its counters kept: a
+        warm-up that only fills the cache need not wait out an emulated tier's sleeps."""
+        self._wait()
+        saved = self.store, self.tier
+        self.store, self.tier = self._opened(tier, bandwidth_gbps), tier
+        try:
+            yield self
+        finally:
+            self._wait()
+            self.store, self.tier = saved
+
     def reconfigure(self, capacity: int, policy: str = "lru", scope: str = "global", mode: str = "disaggregated",
                     prefetch: bool = False, tier: str | None = None, bandwidth_gbps: float | None = None,
                     experts_implementation: str | None = None) -> None:
@@ -227,10 +248,7 @@ class OffloadEngine:
                                  "set_experts_implementation; this one runs its own experts code: use 'eager'")
             self.experts_implementation = experts_implementation
         if tier is not None:
-            key = (tier, bandwidth_gbps)
-            if key not in self._stores:
-                self._stores[key] = ExpertStore(self.store.path, tier, bandwidth_gbps, self.device, verify=False)
-            self.store, self.tier = self._stores[key], tier
+            self.store, self.tier = self._opened(tier, bandwidth_gbps), tier
         info = self.info
         n_layers, n_experts = len(info.layers), info.n_experts
         if getattr(self, "_pending", None) is not None:

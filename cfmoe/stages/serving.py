@@ -650,7 +650,7 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
     (a name: grids run one after another in the order given, on one model, store and engine).
     Each grid's (setting, source, repeat) runs in its own seeded random order; each run
     reconfigures the one engine (an empty cache of `share` of the routed experts), warms it with
-    `warm_tokens` tokens of the stream's last request, then serves `requests` requests of `new_tokens` tokens,
+    `warm_tokens` tokens of the stream's last request (read through the host tier: untimed), then serves `requests` requests of `new_tokens` tokens,
     the cache carried over. Resident runs come first, per source, the same way. With `budget_s`, no engine run
     starts after that many seconds (the random order keeps what ran of a grid balanced); the table says how many
     ran. `on_grid(name, measurements, setup)` is called as each grid ends (a long session keeps what it measured;
@@ -678,7 +678,9 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
         """Warm-up, then `requests` requests: the recorded ones, or (a setting with `prompt_tokens`) batches of
         `concurrent` requests with prompts of that length (`routing.concurrent_requests`)."""
         warm, ids, _ = _request_inputs(stream, len(stream.meta["requests"]) - 1, warm_tokens, seed)
-        with replaying(warm, setting):
+        # an emulated tier's warm-up reads through the host tier: it only fills the cache, untimed
+        fast = engine.reading_from("host") if setting and setting["tier"] != "host" else contextlib.nullcontext()
+        with replaying(warm, setting), fast:
             generate(ids, max_new_tokens=warm_tokens)
         seconds, steps, rows = 0.0, 0, []
         for request in range(requests):
