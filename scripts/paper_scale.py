@@ -163,7 +163,7 @@ def summarize(cfg, folder: Path) -> None:
 
         save_table(serving.long_prompt_summary(pd.read_csv(long_prompts)), folder / "long_prompts_summary", cfg,
                    note="medians and IQR over repeats; *_vs_unified: against unified prefill, same prompt and batch")
-    results = serving.paper_scale_results(cfg)
+    results = serving.paper_scale_results(cfg, folder)
     if results is None:
         raise ValueError(f"no measurements_*.csv in {folder}: run `python scripts/paper_scale.py measure` on a GPU")
     grids = sorted(p.stem.removeprefix("measurements_") for p in folder.glob("measurements_*.csv"))

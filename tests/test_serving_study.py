@@ -201,6 +201,14 @@ def test_the_engine_falls_back_to_the_next_fastest_implementation_that_runs_over
     out["meta"].to_csv(folder / "machine_host.csv", index=False)
     results = serving_study.paper_scale_results(load_config("smoke"))
     assert results["experts_implementation"] == meta.engine_experts_implementation
+    # another folder (a partial grid kept apart) is read when named, and only then
+    elsewhere = tmp_path / "partial"
+    elsewhere.mkdir()
+    m.drop(columns="grid").assign(share=0.25).to_csv(elsewhere / "measurements_emulated.csv", index=False)
+    out["meta"].to_csv(elsewhere / "machine_emulated.csv", index=False)
+    apart = serving_study.paper_scale_results(load_config("smoke"), elsewhere)
+    assert set(apart["measured"].share) == {0.25} and set(results["measured"].share) == {0.5}
+    assert serving_study.paper_scale_results(load_config("smoke"), tmp_path / "empty") is None
 
 
 

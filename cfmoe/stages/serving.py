@@ -912,10 +912,11 @@ def _min_median_interval(groups, resamples: int = stats.BOOTSTRAP_SAMPLES, seed:
     return value, float(low), float(high)
 
 
-def paper_scale_results(cfg: StudyConfig) -> dict | None:
-    """The committed paper-scale measurements (results/05_serving/paper_scale/, from scripts/paper_scale.py on
-    a GPU), memory saved with intervals and the goals' verdicts; None when they have not been measured."""
-    folder = cfg.results_dir(NOTEBOOK) / PAPER_SCALE
+def paper_scale_results(cfg: StudyConfig, folder: str | Path | None = None) -> dict | None:
+    """The committed paper-scale measurements (`folder`, default results/05_serving/paper_scale/, from
+    scripts/paper_scale.py on a GPU), memory saved with intervals and the goals' verdicts; None when they have not
+    been measured."""
+    folder = Path(folder) if folder is not None else cfg.results_dir(NOTEBOOK) / PAPER_SCALE
     files = sorted(folder.glob("measurements_*.csv"))
     if not files:
         return None
