@@ -382,7 +382,7 @@ def _curves(measured: pd.DataFrame, shares, baseline: str, candidate: str, run: 
         curves.append({"key": key if isinstance(key, tuple) else (key,), "shares": np.array(common),
                        "levels": np.array(levels), "memory": (memory[baseline][common].to_numpy(float),
                                                                memory[candidate][common].to_numpy(float)),
-                       "samples": samples, "repeats": int(np.isfinite(samples).any(axis=1).sum())})
+                       "samples": samples, "repeats": int(np.isfinite(samples).sum(axis=0).min())})
     return curves
 
 
@@ -404,7 +404,8 @@ def memory_saved(measured: pd.DataFrame, shares, baselines=(BASELINE, BESIDE), c
     """Memory the candidate needs at the tokens/s each baseline reaches with `shares` of its experts cached (per
     `by` group), from the medians over repeats, with a 95% percentile bootstrap interval over the repeats
     (`stats.bootstrap_interval`, the repeats resampled; `resamples=0`: none). `saved_mb` is the same saving in
-    megabytes, next to both models' memory at the level."""
+    megabytes, next to both models' memory at the level; `repeats`, the fewest repeats of any setting on the curve
+    (a grid cut short has fewer for some)."""
     rows = []
     for baseline in baselines:
         for curve in _curves(measured, shares, baseline, candidate, run, value, by):
