@@ -43,7 +43,9 @@ from . import cache_management, router_design, runs, serving
 NOTEBOOK = "06_beyond_cfmoe"
 SHARES = (0.125, 0.25, 0.5)
 POLICIES = ("lru", "lfu_aging", "opt")  # opt: Belady's oracle (knows future routing), a bound, not a policy
-LAMBDAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+# λ on validation: 8 values, as many as notebook 01 gives a loss's weight at most (`router_design.max_weights`), denser
+# where the prior's perplexity crosses its budget (between 0.05 and 0.2 on the committed runs)
+LAMBDAS = (0.01, 0.02, 0.05, 0.07, 0.1, 0.14, 0.2, 0.5)
 SWEEP = (0.25, "lru")  # where λ is chosen
 PRIOR_PPL_BUDGET = 0.01  # the prior may cost at most this much validation perplexity over its model alone
 ANCHOR_WEIGHT = 1.0
