@@ -6,8 +6,9 @@ expert / uniform share). Every number here is on the held-out pre-training docum
     python scripts/pretrain_probe.py run --grid 'v8192,aux0.01,600' ... --device cuda --out DIR   # anywhere
     python scripts/pretrain_probe.py table --out DIR/probe.json --name final   # results/00_base_model/pretrain_probe/
 
-A setting may end in `,h<N>`: the balance loss over expert loads averaged across about N steps
-(`pretrain.balance_horizon`, global-batch balance) instead of each batch's.
+A setting may add `,h<N>`: the balance loss over expert loads averaged across about N steps
+(`pretrain.balance_horizon`, global-batch balance) instead of each batch's; `,L<N>` and `,d<N>`: N decoder layers and
+hidden size N instead of the preset's (the depth and width probe).
 """
 
 from __future__ import annotations
@@ -32,29 +33,45 @@ from cfmoe.config import load_config  # noqa: E402
 DATA = ROOT / "artifacts" / "probe"
 
 
-def _cfg(preset: str, vocab: int, aux: float, steps: int, device: str, horizon: int = 0):
+def _cfg(preset: str, setting: dict, device: str):
     cfg = load_config(preset)
+    shape = {"vocab_size": setting["vocab"]}
+    shape.update({"num_layers": setting["layers"]} if setting["layers"] else {})
+    shape.update({"hidden_size": setting["hidden"]} if setting["hidden"] else {})
     return dataclasses.replace(
-        cfg, device=device, model=dataclasses.replace(cfg.model, vocab_size=vocab),
-        pretrain=dataclasses.replace(cfg.pretrain, aux_loss_coef=aux, max_steps=steps, balance_horizon=horizon))
+        cfg, device=device, model=dataclasses.replace(cfg.model, **shape),
+        pretrain=dataclasses.replace(cfg.pretrain, aux_loss_coef=setting["aux"], max_steps=setting["steps"],
+                                     balance_horizon=setting["horizon"]))
 
 
-def parse_setting(setting: str) -> tuple[int, float, int, int]:
-    """'v<vocab>,aux<weight>,<steps>[,h<horizon>]' -> (vocab, weight, steps, horizon)."""
+# optional parts of a setting after 'v<vocab>,aux<weight>,<steps>': prefix -> key (0 = the preset's value)
+_OPTIONAL = {"h": "horizon", "L": "layers", "d": "hidden"}
+
+
+def parse_setting(setting: str) -> dict:
+    """'v<vocab>,aux<weight>,<steps>[,h<horizon>][,L<layers>][,d<hidden>]' -> {vocab, aux, steps, horizon, layers,
+    hidden}; an optional part left out is 0, the preset's value (horizon 0: balance each batch)."""
     parts = setting.split(",")
     try:
-        if len(parts) not in (3, 4) or not (parts[0][0] == "v" and parts[1][:3] == "aux"
-                                             and (len(parts) == 3 or parts[3][0] == "h")):
+        if len(parts) < 3 or parts[0][0] != "v" or parts[1][:3] != "aux":
             raise ValueError
-        return (int(parts[0][1:]), float(parts[1][3:]), int(parts[2]), int(parts[3][1:]) if len(parts) == 4 else 0)
-    except (ValueError, IndexError):
-        raise ValueError(f"setting {setting!r} is not valid; use 'v<vocab>,aux<weight>,<steps>[,h<horizon>]', "
-                         "e.g. 'v8192,aux0.03,600,h32'") from None
+        out = {"vocab": int(parts[0][1:]), "aux": float(parts[1][3:]), "steps": int(parts[2]),
+               **{key: 0 for key in _OPTIONAL.values()}}
+        for part in parts[3:]:
+            key = _OPTIONAL[part[0]]
+            if out[key] or int(part[1:]) < 1:
+                raise ValueError
+            out[key] = int(part[1:])
+        return out
+    except (ValueError, IndexError, KeyError):
+        raise ValueError(f"setting {setting!r} is not valid; use 'v<vocab>,aux<weight>,<steps>[,h<horizon>]"
+                         "[,L<layers>][,d<hidden>]', e.g. 'v8192,aux0.03,600,h32' or 'v8192,aux0.03,300,L12,d96'"
+                         ) from None
 
 
 def export(preset: str, vocabs: list[int]) -> None:
     for vocab in vocabs:
-        cfg = _cfg(preset, vocab, 0.0, 1, "cpu")
+        cfg = _cfg(preset, parse_setting(f"v{vocab},aux0,1"), "cpu")
         tokenizer, train, heldout, counts = model.pretraining_data(cfg)
         folder = DATA / f"{preset}-v{vocab}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -70,9 +87,9 @@ def _one(args: tuple) -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(threads)
-    vocab, aux, steps, horizon = parse_setting(setting)
-    cfg = _cfg(preset, vocab, aux, steps, device, horizon)
-    folder = DATA / f"{preset}-v{vocab}"
+    parsed = parse_setting(setting)
+    cfg = _cfg(preset, parsed, device)
+    folder = DATA / f"{preset}-v{parsed['vocab']}"
     blocks = np.load(folder / "blocks.npz")
     train = {k[6:]: blocks[k].astype(np.int64) for k in blocks if k.startswith("train_")}
     heldout = {k[8:]: blocks[k].astype(np.int64) for k in blocks if k.startswith("heldout_")}
@@ -85,7 +102,9 @@ def _one(args: tuple) -> dict:
     routing = {r["step"]: r for r in log if "heldout_ecr_over_k_e" in r}
     for row in evals:
         row.update({k: routing[row["step"]][k] for k in ("heldout_ecr_over_k_e", "heldout_max_load_ratio")})
-    return {"setting": setting, "vocab": vocab, "aux_loss_coef": aux, "steps": steps, "balance_horizon": horizon,
+    return {"setting": setting, "vocab": cfg.model.vocab_size, "aux_loss_coef": cfg.pretrain.aux_loss_coef,
+            "steps": cfg.pretrain.max_steps, "balance_horizon": cfg.pretrain.balance_horizon,
+            "num_layers": cfg.model.num_layers, "hidden_size": cfg.model.hidden_size,
             "seconds": round(time.perf_counter() - started, 1), "best_step": best.best_step,
             "best_heldout_loss": best.best_loss, "evals": evals}
 
@@ -101,7 +120,10 @@ def table(preset: str, probe: Path, name: str, note: str) -> None:
         raise ValueError(f"--out {str(probe)!r} is not a file; pass the probe.json a `run` wrote")
     runs = json.loads(probe.read_text())
     keys = ("setting", "vocab", "aux_loss_coef", "steps", "balance_horizon", "seconds")
-    curves = pd.DataFrame([{**{k: r.get(k, 0) for k in keys}, **e} for r in runs for e in r["evals"]])
+    shape = load_config(preset).model  # probes written before depth and width were settings used the preset's
+    curves = pd.DataFrame([{**{k: r.get(k, 0) for k in keys}, "num_layers": r.get("num_layers", shape.num_layers),
+                            "hidden_size": r.get("hidden_size", shape.hidden_size), **e}
+                           for r in runs for e in r["evals"]])
     final = curves.sort_values("step").groupby("setting", sort=False).tail(1).sort_values("setting")
     folder = ROOT / "results" / "00_base_model" / "pretrain_probe"
     command = f"python scripts/pretrain_probe.py run --preset {preset} --grid " + " ".join(r["setting"] for r in runs)
@@ -116,7 +138,8 @@ def main(argv=None) -> None:
     parser.add_argument("action", choices=["export", "run", "table"])
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--vocab", type=int, nargs="+", default=[8192])
-    parser.add_argument("--grid", nargs="+", default=[], help="settings 'v<vocab>,aux<weight>,<steps>[,h<horizon>]'")
+    parser.add_argument("--grid", nargs="+", default=[],
+                        help="settings 'v<vocab>,aux<weight>,<steps>[,h<horizon>][,L<layers>][,d<hidden>]'")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per setting (settings run in parallel)")
     parser.add_argument("--out", default=str(DATA / "probe.json"))

@@ -1,6 +1,7 @@
 """The offloading engine: token-identical generation under any budget, policy, mode and tier; the budget holds."""
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -112,6 +113,39 @@ def test_every_tier_reads_the_same_weights(tier, tmp_path):
     for name in ("gate_up_proj", "down_proj"):
         torch.testing.assert_close(got[name], getattr(experts, name).detach()[3], rtol=0, atol=0)
     assert store.bytes_read == sum(v.numel() * v.element_size() for v in got.values())
+
+
+class _SlowSlot:
+    """A destination whose copy takes `seconds` (a slow copy into fast memory)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.copied = seconds, None
+
+    def copy_(self, value, non_blocking=False):
+        time.sleep(self.seconds)
+        self.copied = value.clone()
+
+
+def test_the_emulated_tier_holds_the_whole_load_read_and_copy_to_its_bandwidth(tmp_path):
+    """An expert takes bytes / bandwidth to reach fast memory, whether the copy is quick or slow: the copy runs
+    inside the emulated time, not on top of it (as it did when only the read was held)."""
+    lm = tiny_moe("mixtral", n_experts=4, top_k=2, n_layers=2)
+    path = write_store(lm, tmp_path / "s.safetensors")
+    nbytes = ExpertStore(path, "host").spans[(1, 2)]
+    due = 0.3  # seconds one expert takes at the emulated bandwidth
+    store = ExpertStore(path, "throttled", bandwidth_gbps=(nbytes[1] - nbytes[0]) / due / 1e9)
+    started = time.perf_counter()
+    store.read(1, 2)
+    assert time.perf_counter() - started >= due  # a read alone is held too
+    for copy_seconds, longest in ((0.25 / 2, due + 0.12), (0.5 / 2, 0.5 + 0.12)):
+        slots = {"gate_up_proj": _SlowSlot(copy_seconds), "down_proj": _SlowSlot(copy_seconds)}
+        started = time.perf_counter()
+        store.load(1, 2, slots)
+        elapsed = time.perf_counter() - started
+        assert max(due, 2 * copy_seconds) <= elapsed < longest, (copy_seconds, elapsed)
+    experts = moe.describe(lm).layers[1].experts
+    for name, slot in slots.items():
+        torch.testing.assert_close(slot.copied, getattr(experts, name).detach()[2], rtol=0, atol=0)
 
 
 def test_bad_budgets_stores_and_policies_get_one_line_errors(tmp_path):

@@ -335,8 +335,7 @@ class OffloadEngine:
         self.phase = "prefill" if ids.shape[1] > 1 else "decode"
 
     def _copy_in(self, layer: int, expert: int, slot: int, non_blocking: bool = False) -> None:
-        for name, value in self.store.read(layer, expert).items():
-            self.pool[name].data[slot].copy_(value, non_blocking=non_blocking)
+        self.store.load(layer, expert, {name: self.pool[name].data[slot] for name in self.pool}, non_blocking)
 
     def _load(self, layer: int, expert: int, slot: int) -> None:
         started = time.perf_counter()
@@ -487,7 +486,7 @@ class OffloadEngine:
     def reset_counters(self) -> None:
         self._wait()
         self.counters = Counters()
-        self.store.bytes_read, self.store.read_seconds = 0, 0.0
+        self.store.bytes_read = 0
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask=None, **generate_kwargs) -> tuple[torch.Tensor, dict]:
