@@ -142,7 +142,7 @@ class EngineCache:
         """Nothing: the engine counts and caches the access when the experts are computed."""
 
 
-def _selection_key(layer: MoELayerInfo, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def selection_key(layer: MoELayerInfo, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(key the router ranks experts by, the scores its weights are taken from), float32."""
     logits = logits.float()
     if layer.scoring == "sigmoid":
@@ -152,7 +152,7 @@ def _selection_key(layer: MoELayerInfo, logits: torch.Tensor) -> tuple[torch.Ten
     return logits, logits.softmax(-1)
 
 
-def _group_limited(router: torch.nn.Module, key: torch.Tensor) -> torch.Tensor:
+def group_limited(router: torch.nn.Module, key: torch.Tensor) -> torch.Tensor:
     """DeepSeek-V3's group-limited choice, as its router applies it: only the `topk_group` groups with the
     highest top-2 sums stay eligible (the others' keys set to -inf). Other routers: the key unchanged."""
     groups = getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1
@@ -174,7 +174,7 @@ def router_spread(model: torch.nn.Module, input_ids: torch.Tensor) -> list[float
         model(input_ids=input_ids.to(unwrap(model).device), use_cache=False)
     spreads = []
     for layer, calls in zip(info.layers, recorder.logits):
-        key, _ = _selection_key(layer, torch.cat(calls))
+        key, _ = selection_key(layer, torch.cat(calls))
         spreads.append(float((key.max(-1).values - key.min(-1).values).mean()))
     return spreads
 
@@ -190,22 +190,31 @@ def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: "
     if rows % cache.rows:
         raise ValueError(f"MoE layer {index} routed {rows} tokens, not a multiple of the cache's {cache.rows} rows")
     steps = rows // cache.rows  # tokens per row in this call (1 in decode), batch-major
-    key, scores = _selection_key(layer, logits)
+    key, scores = selection_key(layer, logits)
     key = key.reshape(cache.rows, steps, -1)
     original = indices.reshape(cache.rows, steps, k)
     chosen = original.clone()
     for step in range(steps):
         if bonus is not None:
             cached = torch.from_numpy(cache.cached(index)).to(key.device)
-            biased = _group_limited(layer.router, key[:, step] + bonus * cached)
+            biased = group_limited(layer.router, key[:, step] + bonus * cached)
             pick = biased.topk(k, dim=-1).indices
             same = (pick.sort(-1).values == original[:, step].sort(-1).values).all(-1, keepdim=True)
             chosen[:, step] = torch.where(same, original[:, step], pick)
         cache.access(index, chosen[:, step].cpu().numpy())
-    chosen = chosen.reshape(rows, k)
+    return reselect(layer, output, chosen.reshape(rows, k), scores)
+
+
+def reselect(layer: MoELayerInfo, output, chosen: torch.Tensor, scores: "torch.Tensor | None" = None):
+    """The router's `output` (logits, weights, indices) with `chosen` (rows, k) experts instead of its own: their
+    weights are the router's scores for them, normalised and scaled as the router does, so a row whose choice is
+    unchanged keeps its weights bit for bit. `scores`: `selection_key`'s, if already computed."""
+    logits, weights, indices = output
     changed = (chosen != indices).any(-1, keepdim=True)
     if not bool(changed.any()):
         return output
+    if scores is None:
+        scores = selection_key(layer, logits)[1]
     total = weights.float().sum(-1, keepdim=True)
     picked = scores.gather(-1, chosen)
     if getattr(layer.router, "norm_topk_prob", True):  # Mixtral and GPT-OSS always normalise

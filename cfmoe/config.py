@@ -57,6 +57,9 @@ class PretrainConfig:
     aux_loss_coef: float = 0.1
     # 0: balance each batch; N > 0: balance expert loads averaged over about N steps (global-batch balance)
     balance_horizon: int = 0
+    # > 0: auxiliary-loss-free balance (a per-expert selection bias moved by this much a step; training.BiasBalance),
+    # for pre-training probes: the bias is not saved with the model
+    bias_balance_rate: float = 0.0
     eval_every: int = 100
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
     time_limit_minutes: float = 0.0  # stop after this much training (gpu preset's budget); 0 = no limit
@@ -343,6 +346,7 @@ def validate(cfg: StudyConfig, where: str = "config") -> None:
                      cfg.pretrain.warmup_steps, "pretrain.early_stopping_patience": cfg.pretrain.early_stopping_patience,
                      "pretrain.max_documents": cfg.pretrain.max_documents,
                      "pretrain.balance_horizon": cfg.pretrain.balance_horizon,
+                     "pretrain.bias_balance_rate": cfg.pretrain.bias_balance_rate,
                      "finetune.warmup_steps": cfg.finetune.warmup_steps,
                      "finetune.lora_rank": cfg.finetune.lora_rank, "finetune.eval_tokens": cfg.finetune.eval_tokens,
                      "eval.max_test_tokens": cfg.eval.max_test_tokens, "cache.requests": cfg.cache.requests,

@@ -23,7 +23,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer,
 from . import data
 from .config import PretrainConfig, StudyConfig
 from .determinism import make_deterministic
-from .training import MoETrainer
+from .training import BiasBalance, MoETrainer
 
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<unk>"
 HELDOUT_EVAL_BLOCKS = 128
@@ -61,7 +61,7 @@ def build_config(cfg: StudyConfig, tokenizer) -> Qwen2MoeConfig:
 
 # pre-training options added after models were built: hashed only when set away from their default, so that a
 # model built before an option existed (which trained as its default does) stays current
-LATER_PRETRAIN_OPTIONS = ("balance_horizon",)
+LATER_PRETRAIN_OPTIONS = ("balance_horizon", "bias_balance_rate")
 
 
 def build_fingerprint(cfg: StudyConfig) -> str:
@@ -112,8 +112,9 @@ def train_base(cfg: StudyConfig, tokenizer, train_blocks, heldout: dict, output_
     idx = np.linspace(0, len(heldout["input_ids"]) - 1, min(HELDOUT_EVAL_BLOCKS, len(heldout["input_ids"]))).astype(int)
     eval_blocks = {k: v[np.unique(idx)] for k, v in heldout.items()}
     probe = HeldoutRoutingCallback(eval_blocks, cfg.model.n_experts, cfg.model.top_k)
+    balance = [BiasBalance(lm, p.bias_balance_rate)] if p.bias_balance_rate else []
     trainer = MoETrainer(model=lm, args=args, train_dataset=train_blocks, eval_dataset=_TorchBlocks(eval_blocks),
-                         aux_loss_coef=p.aux_loss_coef, top_k=cfg.model.top_k, callbacks=[probe, keep_best],
+                         aux_loss_coef=p.aux_loss_coef, top_k=cfg.model.top_k, callbacks=[*balance, probe, keep_best],
                          balance_horizon=p.balance_horizon)
     return lm, trainer, keep_best
 

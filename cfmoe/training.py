@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from .cache_prior import group_limited, reselect, selection_key
+from .moe import describe
 
 
 def _layer_logits(router_logits) -> list[torch.Tensor]:
@@ -67,6 +70,42 @@ def global_balance_loss(router_logits, top_k: int, loads: GlobalLoads, update: b
     elif loads.mean is not None:
         shares = loads.average()
     return n_experts * (shares * probs.mean(1)).sum(-1).mean()
+
+
+class BiasBalance(TrainerCallback):
+    """Auxiliary-loss-free load balancing (Wang et al., arXiv 2408.15664; DeepSeek-V3): every MoE layer picks its
+    top-k experts by the router's key plus a per-expert bias that no gradient reaches, and after each optimiser step
+    an expert's bias rises by `rate` if it took fewer than the mean number of that step's training selections in its
+    layer and falls by `rate` if it took more. The gate weights stay the router's own scores of the chosen experts
+    (`cache_prior.reselect`); a group-limited router (DeepSeek-V3) limits the biased choice as it limits its own. The bias lives in router hooks, not in the weights (Qwen2-MoE has no slot for it): held-
+    out routing measured during training includes it, a saved model does not, so this serves pre-training probes."""
+
+    def __init__(self, model: torch.nn.Module, rate: float):
+        if not rate > 0:
+            raise ValueError(f"bias balance rate must be > 0, got {rate!r}")
+        info = describe(model)
+        self.rate = rate
+        device = next(model.parameters()).device
+        self.bias = torch.zeros(len(info.layers), info.n_experts, device=device)
+        self.counts = torch.zeros_like(self.bias)
+        self.handles = [layer.router.register_forward_hook(
+            lambda module, args, output, i=i, layer=layer: self._choose(i, layer, module, output))
+            for i, layer in enumerate(info.layers)]
+
+    def _choose(self, i: int, layer, module: torch.nn.Module, output):
+        key, scores = selection_key(layer, output[0])
+        chosen = group_limited(layer.router, key.detach() + self.bias[i]).topk(output[2].shape[-1], dim=-1).indices
+        if module.training:
+            self.counts[i] += torch.bincount(chosen.reshape(-1), minlength=self.bias.shape[1])
+        return reselect(layer, output, chosen, scores)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bias += self.rate * torch.sign(self.counts.mean(-1, keepdim=True) - self.counts)
+        self.counts.zero_()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> torch.Tensor:

@@ -8,7 +8,8 @@ expert / uniform share). Every number here is on the held-out pre-training docum
 
 A setting may add `,h<N>`: the balance loss over expert loads averaged across about N steps
 (`pretrain.balance_horizon`, global-batch balance) instead of each batch's; `,L<N>` and `,d<N>`: N decoder layers and
-hidden size N instead of the preset's (the depth and width probe).
+hidden size N instead of the preset's (the depth and width probe); `,b<R>`: auxiliary-loss-free balance, a
+per-expert selection bias moved by R a step (`pretrain.bias_balance_rate`, `cfmoe.training.BiasBalance`).
 """
 
 from __future__ import annotations
@@ -41,16 +42,17 @@ def _cfg(preset: str, setting: dict, device: str):
     return dataclasses.replace(
         cfg, device=device, model=dataclasses.replace(cfg.model, **shape),
         pretrain=dataclasses.replace(cfg.pretrain, aux_loss_coef=setting["aux"], max_steps=setting["steps"],
-                                     balance_horizon=setting["horizon"]))
+                                     balance_horizon=setting["horizon"], bias_balance_rate=setting["bias_rate"]))
 
 
 # optional parts of a setting after 'v<vocab>,aux<weight>,<steps>': prefix -> key (0 = the preset's value)
-_OPTIONAL = {"h": "horizon", "L": "layers", "d": "hidden"}
+_OPTIONAL = {"h": "horizon", "L": "layers", "d": "hidden", "b": "bias_rate"}
 
 
 def parse_setting(setting: str) -> dict:
-    """'v<vocab>,aux<weight>,<steps>[,h<horizon>][,L<layers>][,d<hidden>]' -> {vocab, aux, steps, horizon, layers,
-    hidden}; an optional part left out is 0, the preset's value (horizon 0: balance each batch)."""
+    """'v<vocab>,aux<weight>,<steps>[,h<horizon>][,L<layers>][,d<hidden>][,b<rate>]' -> {vocab, aux, steps, horizon,
+    layers, hidden, bias_rate}; an optional part left out is 0, the preset's value (horizon 0: balance each batch;
+    rate 0: no auxiliary-loss-free bias)."""
     parts = setting.split(",")
     try:
         if len(parts) < 3 or parts[0][0] != "v" or parts[1][:3] != "aux":
@@ -59,13 +61,15 @@ def parse_setting(setting: str) -> dict:
                **{key: 0 for key in _OPTIONAL.values()}}
         for part in parts[3:]:
             key = _OPTIONAL[part[0]]
-            if out[key] or int(part[1:]) < 1:
+            value = float(part[1:]) if key == "bias_rate" else int(part[1:])
+            if out[key] or not value > 0:
                 raise ValueError
-            out[key] = int(part[1:])
+            out[key] = value
         return out
     except (ValueError, IndexError, KeyError):
         raise ValueError(f"setting {setting!r} is not valid; use 'v<vocab>,aux<weight>,<steps>[,h<horizon>]"
-                         "[,L<layers>][,d<hidden>]', e.g. 'v8192,aux0.03,600,h32' or 'v8192,aux0.03,300,L12,d96'"
+                         "[,L<layers>][,d<hidden>][,b<rate>]', e.g. 'v8192,aux0.03,600,h32' or "
+                         "'v8192,aux0.03,300,L12,d96'"
                          ) from None
 
 
@@ -105,6 +109,7 @@ def _one(args: tuple) -> dict:
     return {"setting": setting, "vocab": cfg.model.vocab_size, "aux_loss_coef": cfg.pretrain.aux_loss_coef,
             "steps": cfg.pretrain.max_steps, "balance_horizon": cfg.pretrain.balance_horizon,
             "num_layers": cfg.model.num_layers, "hidden_size": cfg.model.hidden_size,
+            "bias_balance_rate": cfg.pretrain.bias_balance_rate,
             "seconds": round(time.perf_counter() - started, 1), "best_step": best.best_step,
             "best_heldout_loss": best.best_loss, "evals": evals}
 
@@ -122,7 +127,8 @@ def table(preset: str, probe: Path, name: str, note: str) -> None:
     keys = ("setting", "vocab", "aux_loss_coef", "steps", "balance_horizon", "seconds")
     shape = load_config(preset).model  # probes written before depth and width were settings used the preset's
     curves = pd.DataFrame([{**{k: r.get(k, 0) for k in keys}, "num_layers": r.get("num_layers", shape.num_layers),
-                            "hidden_size": r.get("hidden_size", shape.hidden_size), **e}
+                            "hidden_size": r.get("hidden_size", shape.hidden_size),
+                            "bias_balance_rate": r.get("bias_balance_rate", 0.0), **e}
                            for r in runs for e in r["evals"]])
     final = curves.sort_values("step").groupby("setting", sort=False).tail(1).sort_values("setting")
     folder = ROOT / "results" / "00_base_model" / "pretrain_probe"
@@ -139,7 +145,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--vocab", type=int, nargs="+", default=[8192])
     parser.add_argument("--grid", nargs="+", default=[],
-                        help="settings 'v<vocab>,aux<weight>,<steps>[,h<horizon>][,L<layers>][,d<hidden>]'")
+                        help="settings 'v<vocab>,aux<weight>,<steps>[,h<horizon>][,L<layers>][,d<hidden>][,b<rate>]'")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per setting (settings run in parallel)")
     parser.add_argument("--out", default=str(DATA / "probe.json"))

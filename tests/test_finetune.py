@@ -10,7 +10,7 @@ from cfmoe import finetune
 from cfmoe.stages import router_design
 from cfmoe.config import FinetuneConfig
 from cfmoe.locality import consecutive_pair_mask, locality_loss
-from cfmoe.training import GlobalLoads, MoETrainer, balance_loss, causal_lm_loss, global_balance_loss
+from cfmoe.training import BiasBalance, GlobalLoads, MoETrainer, balance_loss, causal_lm_loss, global_balance_loss
 
 
 def _batch(seed=0, batch=2, seq=12):
@@ -63,6 +63,40 @@ def test_global_balance_is_the_batch_balance_with_loads_averaged_over_steps():
     assert all(r.weight.grad is not None for name, r in lm.named_modules() if name.endswith("mlp.gate"))
     with pytest.raises(ValueError, match="balance horizon must be >= 1 step, got 0"):
         GlobalLoads(0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "deepseek_v3"])
+def test_bias_balance_moves_selections_to_the_least_loaded_experts_and_keeps_the_routers_weights(arch):
+    """Auxiliary-loss-free balance: a zero bias leaves routing and output bit for bit; after a step an expert that
+    took more than its layer's mean share loses `rate` and one that took fewer gains it; the chosen experts' weights
+    are the router's own scores (gradients reach the routers); evaluation calls do not count; hooks come off."""
+    lm = tiny_moe(arch).train()
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        plain = lm(input_ids=ids, output_router_logits=True)
+    balance = BiasBalance(lm, rate=0.5)
+    out = lm(input_ids=ids, output_router_logits=True)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=0)
+    counts = balance.counts.clone()
+    assert counts.sum(-1).tolist() == [ids.numel() * 2] * len(counts)  # top-2 of every training token, per layer
+    out.logits.sum().backward()
+    assert all(r.weight.grad is not None for name, r in lm.named_modules() if name.endswith("mlp.gate"))
+    balance.on_step_end(None, None, None)
+    mean = counts.mean(-1, keepdim=True)
+    expected = 0.5 * torch.sign(mean - counts)
+    torch.testing.assert_close(balance.bias, expected)
+    assert (balance.bias[counts > mean] < 0).all() and (balance.bias[counts < mean] > 0).all()
+    # the bias now steers selection away from the busiest experts (a load more even than without it)
+    lm.eval()
+    with torch.no_grad():
+        steered = lm(input_ids=ids, output_router_logits=True)
+    assert balance.counts.sum() == 0  # evaluation does not count
+    assert not torch.equal(steered.logits, plain.logits)
+    balance.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, plain.logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="bias balance rate must be > 0, got 0"):
+        BiasBalance(lm, 0)
 
 
 def test_locality_gradient_reaches_every_router():

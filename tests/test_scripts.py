@@ -91,17 +91,21 @@ def test_pretrain_probe_reads_settings_and_tables_the_last_evaluation(tmp_path, 
     import pretrain_probe
 
     assert pretrain_probe.parse_setting("v8192,aux0.03,600") == dict(vocab=8192, aux=0.03, steps=600, horizon=0,
-                                                                     layers=0, hidden=0)
+                                                                     layers=0, hidden=0, bias_rate=0)
     assert pretrain_probe.parse_setting("v4096,aux0.01,1200,h32") == dict(vocab=4096, aux=0.01, steps=1200, horizon=32,
-                                                                          layers=0, hidden=0)
+                                                                          layers=0, hidden=0, bias_rate=0)
     assert pretrain_probe.parse_setting("v8192,aux0.03,300,d96,L12") == dict(vocab=8192, aux=0.03, steps=300,
-                                                                             horizon=0, layers=12, hidden=96)
-    cfg = pretrain_probe._cfg("cpu", pretrain_probe.parse_setting("v4096,aux0.01,300,L12,d96"), "cpu")
+                                                                             horizon=0, layers=12, hidden=96,
+                                                                             bias_rate=0)
+    assert pretrain_probe.parse_setting("v8192,aux0,300,b0.003")["bias_rate"] == 0.003
+    cfg = pretrain_probe._cfg("cpu", pretrain_probe.parse_setting("v4096,aux0.01,300,L12,d96,b0.01"), "cpu")
+    assert cfg.pretrain.bias_balance_rate == 0.01
     shape = (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.vocab_size, cfg.pretrain.max_steps)
     assert shape == (12, 96, 4096, 300)
     assert pretrain_probe._cfg("cpu", pretrain_probe.parse_setting("v8192,aux0.03,600"), "cpu").model.num_layers == 6
     for bad in ("v8192,aux0.03", "x8192,aux0.03,600", "v8192,aux0.03,600,32", "v8192,auxy,600",
-                "v8192,aux0.03,600,L12,L8", "v8192,aux0.03,600,q3", "v8192,aux0.03,600,L0"):
+                "v8192,aux0.03,600,L12,L8", "v8192,aux0.03,600,q3", "v8192,aux0.03,600,L0",
+                "v8192,aux0.03,600,b0", "v8192,aux0.03,600,b-1"):
         with pytest.raises(ValueError, match=f"setting '{bad}' is not valid; use"):
             pretrain_probe.parse_setting(bad)
     probe = tmp_path / "probe.json"
