@@ -205,16 +205,14 @@ def _biased_choice(layer: MoELayerInfo, index: int, cache: OnlineCache, bonus: "
     return reselect(layer, output, chosen.reshape(rows, k), scores)
 
 
-def reselect(layer: MoELayerInfo, output, chosen: torch.Tensor, scores: "torch.Tensor | None" = None):
+def reselect(layer: MoELayerInfo, output, chosen: torch.Tensor, scores: torch.Tensor):
     """The router's `output` (logits, weights, indices) with `chosen` (rows, k) experts instead of its own: their
-    weights are the router's scores for them, normalised and scaled as the router does, so a row whose choice is
-    unchanged keeps its weights bit for bit. `scores`: `selection_key`'s, if already computed."""
+    weights are the router's `scores` (`selection_key`'s) for them, normalised and scaled as the router does, so a
+    row whose choice is unchanged keeps its weights bit for bit."""
     logits, weights, indices = output
     changed = (chosen != indices).any(-1, keepdim=True)
     if not bool(changed.any()):
         return output
-    if scores is None:
-        scores = selection_key(layer, logits)[1]
     total = weights.float().sum(-1, keepdim=True)
     picked = scores.gather(-1, chosen)
     if getattr(layer.router, "norm_topk_prob", True):  # Mixtral and GPT-OSS always normalise

@@ -77,8 +77,9 @@ class BiasBalance(TrainerCallback):
     top-k experts by the router's key plus a per-expert bias that no gradient reaches, and after each optimiser step
     an expert's bias rises by `rate` if it took fewer than the mean number of that step's training selections in its
     layer and falls by `rate` if it took more. The gate weights stay the router's own scores of the chosen experts
-    (`cache_prior.reselect`); a group-limited router (DeepSeek-V3) limits the biased choice as it limits its own. The bias lives in router hooks, not in the weights (Qwen2-MoE has no slot for it): held-
-    out routing measured during training includes it, a saved model does not, so this serves pre-training probes."""
+    (`cache_prior.reselect`); a group-limited router (DeepSeek-V3) limits the biased choice as it limits its own.
+    The bias lives in router hooks, not in the weights (Qwen2-MoE has no slot for it): held-out routing measured
+    during training includes it, a saved model does not, so this serves pre-training probes."""
 
     def __init__(self, model: torch.nn.Module, rate: float):
         if not rate > 0:

@@ -652,10 +652,10 @@ def paper_scale_measure(streams: dict, settings: list[dict], repeats: int = 5, n
     Each grid's (setting, source, repeat) runs in its own seeded random order; each run
     reconfigures the one engine (an empty cache of `share` of the routed experts), warms it with
     `warm_tokens` tokens of the stream's last request (read through the host tier: untimed), then serves
-    `requests` requests of `new_tokens` tokens, the cache carried over. Resident runs come first, per source, the same way. With `budget_s`, no engine run
-    starts after that many seconds (the random order keeps what ran of a grid balanced); the table says how many
-    ran. `on_grid(name, measurements, setup)` is called as each grid ends (a long session keeps what it measured;
-    `setup`: the resident runs, the machine and the sizes, as returned)."""
+    `requests` requests of `new_tokens` tokens, the cache carried over. Resident runs come first, per source, the
+    same way. With `budget_s`, no engine run starts after that many seconds (the random order keeps what ran of a
+    grid balanced); the table says how many ran. `on_grid(name, measurements, setup)` is called as each grid ends
+    (a long session keeps what it measured; `setup`: the resident runs, the machine and the sizes, as returned)."""
     started = time.perf_counter()
     device = torch.device(device)
     lm = paper_scale_model(device, getattr(torch, dtype_name), **shrink)
