@@ -209,6 +209,11 @@ def test_the_engine_falls_back_to_the_next_fastest_implementation_that_runs_over
     apart = serving_study.paper_scale_results(load_config("smoke"), elsewhere)
     assert set(apart["measured"].share) == {0.25} and set(results["measured"].share) == {0.5}
     assert serving_study.paper_scale_results(load_config("smoke"), tmp_path / "empty") is None
+    # grids of two cards are not summarised together
+    out["meta"].assign(device="another card").to_csv(folder / "machine_emulated.csv", index=False)
+    m.drop(columns="grid").to_csv(folder / "measurements_emulated.csv", index=False)
+    with pytest.raises(ValueError, match="measured on .*another card"):
+        serving_study.paper_scale_results(load_config("smoke"))
 
 
 

@@ -923,6 +923,10 @@ def paper_scale_results(cfg: StudyConfig, folder: str | Path | None = None) -> d
         return None
     measured = _engine_kernels(pd.concat([pd.read_csv(f) for f in files], ignore_index=True))
     machine = pd.concat([pd.read_csv(f) for f in sorted(folder.glob("machine_*.csv"))], ignore_index=True)
+    cards = sorted(machine.device.dropna().unique()) if "device" in machine else []
+    if len(cards) > 1:  # ratios are compared only where they were measured side by side, on one card
+        raise ValueError(f"the grids of {folder} were measured on {cards}; keep one card's grids in a folder "
+                         f"(move the others to a folder of their own)")
     # the goals and the headline judge the engine on its default experts implementation (the resident baseline's,
     # or the fastest of them that ran over the pool) where it ran on it (else, tables from before it could, on the
     # implementation most runs used)
