@@ -64,7 +64,9 @@ def claims(root: Path, preset: str = "cpu") -> dict[str, tuple[tuple[float, floa
     beyond, beyond_id = _read(root, "06_beyond_cfmoe", "methods_summary", preset)
     if beyond is not None:
         at = beyond[(beyond.cache_share == SHARE) & (beyond.policy == POLICY)].set_index("method")
-        for method in ("cfmoe+cache_prior", "cache_prior", "remoe", "cfmoe"):
+        for method in ("cfmoe+cache_prior", "cfmoe_light+cache_prior", "cache_prior", "remoe", "cfmoe"):
+            if method not in at.index:  # a method added after the older run
+                continue
             row = at.loc[method]
             for col in ("misses_vs_control", "ppl_vs_control"):
                 out[f"06 {method} {col}"] = ((row[col], row[f"{col}_low"], row[f"{col}_high"]), beyond_id)

@@ -174,6 +174,11 @@ def test_lambda_choice_and_changes_against_the_control():
                           "lam": [0.1, 0.1, 0.2, 0.2, 0.1, 0.2], "val_ppl": [101.5, 102.5, 103.0, 103.5, 109, 110]})
     # control alone 101 (mean), budget 102.01: λ 0.1 (102.0) fits, 0.2 (103.25) does not; nothing fits CFMoE's
     assert beyond_cfmoe.choose_lambdas(sweep, alone) == {"cache_prior": 0.1, "cfmoe+cache_prior": 0.1}
+    # the light stack's budget is the control's (the goal's), not its own model's: 103 alone would let 0.2 in
+    light = pd.concat([alone, pd.DataFrame({"method": ["cfmoe_light"] * 2, "seed": [0, 1], "val_ppl": [101.5] * 2})])
+    light_sweep = pd.DataFrame({"method": ["cfmoe_light+cache_prior"] * 2, "seed": [0, 0], "lam": [0.1, 0.2],
+                                "val_ppl": [101.9, 102.5]})
+    assert beyond_cfmoe.choose_lambdas(light_sweep, light) == {"cfmoe_light+cache_prior": 0.1}
     methods = pd.DataFrame({"method": ["control", "cfmoe"], "seed": [0, 0], "cache_share": [0.25, 0.25],
                             "policy": ["lru", "lru"], "decode_misses_per_token": [20.0, 15.0],
                             "test_ppl": [100.0, 102.0], "val_ppl": [1.0, 1.0]})
@@ -218,6 +223,46 @@ def test_equal_perplexity_interpolates_the_stacks_curve():
     assert equal.loc["remoe", "against_misses"] == 7.0  # halfway along the stack's curve, 102 -> 104
     assert np.isnan(equal.loc["control", "against_misses"])  # 100 is below the stack's curve
     assert equal.loc["cfmoe+cache_prior", "against_misses"] == 6.0  # the prior alone at 104
+    # a second stack gets its own rows; the best stack is the fewest misses within the goal's budget (101)
+    rows += [("cfmoe_light", 0.0, 100.5, 15.0), ("cfmoe_light+cache_prior", 0.0, 100.5, 15.0),
+             ("cfmoe_light+cache_prior", 0.1, 101.0, 9.0)]
+    sweep = pd.DataFrame(rows, columns=["method", "lam", "val_ppl", "val_misses_per_token"]).assign(seed=0)
+    chosen = {"cache_prior": 0.1, "cfmoe+cache_prior": 0.1, "cfmoe_light+cache_prior": 0.1}
+    equal = beyond_cfmoe.equal_perplexity(sweep, chosen)
+    light = equal[equal.against == "cfmoe_light+cache_prior"].set_index("method")
+    assert light.loc["cache_prior", "against_misses"] == 9.0 and light.loc["cfmoe_light", "against_misses"] == 15.0
+    assert np.isnan(light.loc["remoe", "against_misses"])  # 103 is beyond the light stack's curve
+    assert equal[equal.method == "cfmoe_light+cache_prior"].against_misses.tolist() == [14.0]  # prior alone at 101
+    assert beyond_cfmoe.best_stack(sweep, chosen) == "cfmoe_light+cache_prior"
+    # no stack within the budget: the one with the lowest perplexity
+    assert beyond_cfmoe.best_stack(sweep, {**chosen, "cfmoe_light+cache_prior": 0.0}) == "cfmoe_light+cache_prior"
+    assert beyond_cfmoe.best_stack(sweep.assign(val_ppl=sweep.val_ppl.where(sweep.method == "control", 150.0)),
+                                   chosen) == "cfmoe+cache_prior"
+
+
+def test_the_light_stacks_weight_is_notebook_01s_rule_at_its_share_of_the_goals_budget(tmp_path, monkeypatch):
+    import pandas as pd
+    import pytest
+
+    from cfmoe.config import load_config
+    from cfmoe.stages import beyond_cfmoe, router_design
+
+    monkeypatch.setenv("CFMOE_RESULTS", str(tmp_path))
+    cfg = load_config("smoke")
+    with pytest.raises(ValueError, match="pareto.csv is missing"):
+        beyond_cfmoe.light_weight(cfg, {"kind": "js"})
+    rows = [("control", "none", 0.0, s, 100.0, 0.20) for s in (0, 1)]
+    rows += [("js@1", "js", 1.0, 0, 100.2, 0.22), ("js@10", "js", 10.0, 0, 101.0, 0.30),
+             ("l2@3", "l2", 3.0, 0, 100.9, 0.25)]
+    folder = cfg.results_dir(router_design.NOTEBOOK)
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows, columns=["run", "kind", "weight", "seed", "val_ppl", "val_ecr"]).to_csv(folder / "pareto.csv")
+    light = beyond_cfmoe.light_weight(cfg, {"kind": "js"})
+    # budget 0.5%: js crosses it between 1 (+0.2%) and 10 (+1%), 3/8 of the way in log(weight)
+    assert light["ppl_budget"] == 0.005 and light["weight"] == float(f"{10 ** 0.375:.4g}")
+    assert beyond_cfmoe.light_weight(cfg, {"kind": "l2"})["weight"] == 3.0  # over budget at every weight
+    with pytest.raises(ValueError, match="no loss 'skl'"):
+        beyond_cfmoe.light_weight(cfg, {"kind": "skl"})
 
 
 def test_decode_windows_cut_blocks_in_order(monkeypatch):

@@ -11,6 +11,11 @@ Methods, all from the same base model, data, steps and seeds (`finetune.seeds`):
 - `cache_prior`: the control with cache-conditional routing (`cache_prior.py`) at bonus λ·Δ; `cfmoe+cache_prior`
   the same on CFMoE. λ is swept on validation at 25% of experts cached under LRU; the chosen λ is the largest
   whose validation perplexity stays within `PRIOR_PPL_BUDGET` of the same model without the prior.
+- `cfmoe_light+cache_prior`: the stack built for the goal (misses -50% at no more than +1% perplexity against the
+  control), since CFMoE at notebook 01's budget already spends more than the goal's: `cfmoe_light` is CFMoE
+  trained here like notebook 02's (same loss, steps, data, seeds) at the weight notebook 01's rule gives at
+  `LIGHT_BUDGET_SHARE` of the goal's budget (`light_weight`, validation), and its λ is the largest whose validation
+  perplexity stays within the goal's budget of the control's (`PRIOR_BUDGET_OF`). It gets the same 8 values of λ.
 
 With the prior, a model decodes teacher-forced validation and test blocks token by token, each block a request
 with its own cold cache of `share` x (layers x experts) entries (global pool), so routing can depend on the cache.
@@ -47,7 +52,8 @@ POLICIES = ("lru", "lfu_aging", "opt")  # opt: Belady's oracle (knows future rou
 # where the prior's perplexity crosses its budget (between 0.05 and 0.2 on the committed runs)
 LAMBDAS = (0.01, 0.02, 0.05, 0.07, 0.1, 0.14, 0.2, 0.5)
 SWEEP = (0.25, "lru")  # where λ is chosen
-PRIOR_PPL_BUDGET = 0.01  # the prior may cost at most this much validation perplexity over its model alone
+PRIOR_PPL_BUDGET = 0.01  # the prior may cost at most this much validation perplexity over its reference
+LIGHT_BUDGET_SHARE = 0.5  # of the goal's perplexity budget, spent by the light stack's CFMoE (the prior gets the rest)
 ANCHOR_WEIGHT = 1.0
 REMOE_WEIGHT_FACTORS = (0.3, 1.0, 3.0, 10.0)
 
@@ -183,6 +189,7 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     blocks = finetune.finetune_blocks(tokenizer, ft.block_size)
     ids = {split: _ids(cfg, tokenizer, split) for split in ("validation", "test")}
     remoe_weight, remoe_sweep = _remoe_weight(cfg, base, tokenizer, blocks, choice, info.top_k)
+    light = light_weight(cfg, choice)
     _progress(started, "ReMoE weight chosen")
 
     rows, sweep_rows, by_seed, deltas = [], [], {}, {}
@@ -192,12 +199,16 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                                   top_k=info.top_k, seed=seed, device=cfg.device, method="router_kl",
                                   anchor_weight=ANCHOR_WEIGHT)
         remoe = runs.save_finetuned(cfg, "remoe", train.model, tokenizer, seed)
+        train = finetune.finetune(copy.deepcopy(base), blocks, ft, kind=light["kind"], weight=light["weight"],
+                                  top_k=info.top_k, seed=seed, device=cfg.device)
+        cfmoe_light = runs.save_finetuned(cfg, "cfmoe_light", train.model, tokenizer, seed)
         _progress(started, f"seed {seed}: models ready")
-        tuned = by_seed[seed] = {"lora_control": models["lora_control"], "remoe": remoe, "cfmoe": models["cfmoe"]}
+        tuned = by_seed[seed] = {"lora_control": models["lora_control"], "remoe": remoe, "cfmoe": models["cfmoe"],
+                                 "cfmoe_light": cfmoe_light}
         # Δ of each model the prior runs on, once per seed
         deltas[seed] = {STACKS[alone][0]: router_spread(tuned[STACKS[alone][0]], ids["validation"][:8])
                         for alone in PRIORS.values()}
-        for method in ("control", "remoe", "cfmoe"):  # alone: its own routing, replayed through every cache
+        for method in ALONE:  # alone: its own routing, replayed through every cache
             lm = tuned[STACKS[method][0]]
             passes = {split: own_pass(lm, x, cfg.eval.batch_size) for split, x in ids.items()}
             for row in replayed_misses(passes["test"]["experts"], info.n_experts, info.top_k):
@@ -250,7 +261,10 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
     summary = stats.summarize(methods, ["method", "cache_share", "policy"],
                               ["decode_misses_per_token", "misses_vs_control", "val_ppl", "test_ppl",
                                "ppl_vs_control"])
-    extra = {"choice": choice, "remoe_weight": remoe_weight, "anchor_weight": ANCHOR_WEIGHT, "lambdas": chosen,
+    best = best_stack(sweep, chosen)
+    summary["best_stack"] = summary.method.eq(best)
+    extra = {"choice": choice, "remoe_weight": remoe_weight, "light": light, "anchor_weight": ANCHOR_WEIGHT,
+             "lambdas": chosen, "prior_budget_of": PRIOR_BUDGET_OF, "best_stack": best,
              "halflife_tokens": cache.AGING_HALFLIFE_TOKENS, "seeds": list(ft.seeds), "selected_on": "validation",
              "interval": "mean over seeds and its 95% Student-t interval"}
     save_table(methods, out / "methods", cfg, **extra)
@@ -272,17 +286,45 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                note="validation text, 25% of experts cached, LRU; seed means; the stack's λ curve interpolated")
     verdict = verdicts(summary, sweep) + equal_verdicts(equal, summary)
     return {"methods": methods, "summary": summary, "sweep": sweep, "remoe_sweep": remoe_sweep, "chosen": chosen,
-            "remoe_weight": remoe_weight, "verdicts": verdict, "generated": quality_summary, "engine": engine_summary,
+            "remoe_weight": remoe_weight, "light": light, "verdicts": verdict, "generated": quality_summary, "engine": engine_summary,
             "equal": equal}
 
 
-PRIORS = {"cache_prior": "control", "cfmoe+cache_prior": "cfmoe"}  # a prior method -> the model it runs on
+# a prior method -> the model it runs on, and the method whose validation perplexity its λ's budget is relative to
+PRIORS = {"cache_prior": "control", "cfmoe+cache_prior": "cfmoe", "cfmoe_light+cache_prior": "cfmoe_light"}
+PRIOR_BUDGET_OF = {"cache_prior": "control", "cfmoe+cache_prior": "cfmoe", "cfmoe_light+cache_prior": "control"}
+ALONE = ("control", "remoe", "cfmoe", "cfmoe_light")  # methods without the prior
+STACK_METHODS = ("cfmoe+cache_prior", "cfmoe_light+cache_prior")  # CFMoE with the prior
+
+
+def light_weight(cfg: StudyConfig, choice: dict) -> dict:
+    """CFMoE's loss weight for the light stack: notebook 01's rule (its chosen loss; validation ECR at matched
+    validation perplexity over the control, interpolated in log(weight)) at LIGHT_BUDGET_SHARE of the goal's
+    perplexity budget, from notebook 01's sweep; where that loss does not cross the budget, its highest-ECR weight
+    within it, else its smallest weight."""
+    path = cfg.results_dir(router_design.NOTEBOOK) / "pareto.csv"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: run notebook 01 first (python -m cfmoe.stages router_design)")
+    budget = LIGHT_BUDGET_SHARE * claims.STACK_PPL_COST.bound
+    sweep = pd.read_csv(path)
+    matched = router_design.match_at_budget(sweep, budget).set_index("kind")
+    if choice["kind"] not in matched.index:
+        raise ValueError(f"notebook 01's sweep has no loss {choice['kind']!r}; it has {sorted(matched.index)}")
+    row = matched.loc[choice["kind"]]
+    if row.status == "bracketed":
+        weight, how = row.weight_at_budget, f"interpolated between {row.weight_low:g} and {row.weight_high:g}"
+    elif pd.notna(row.best_within_weight):
+        weight, how = row.best_within_weight, "the highest validation ECR within the budget (no crossing)"
+    else:
+        weight, how = float(sweep[sweep.kind == choice["kind"]].weight.min()), "every weight over budget: the smallest"
+    return {"kind": choice["kind"], "weight": float(f"{weight:.4g}"), "ppl_budget": budget, "how": how,
+            "selected_on": "validation (notebook 01's sweep)"}
 
 
 def equal_perplexity(sweep: pd.DataFrame, chosen: dict) -> pd.DataFrame:
-    """Each method against the stack at equal validation perplexity: the stack's λ curve (CFMoE at λ = 0 up,
+    """Each method against each stack at equal validation perplexity: the stack's λ curve (its CFMoE at λ = 0 up,
     seed means) interpolated at the method's validation perplexity (its chosen λ for the cache prior alone);
-    NaN where that perplexity is outside the curve. Also the prior alone's curve at the stack's chosen point."""
+    NaN where that perplexity is outside the curve. Also the prior alone's curve at each stack's chosen point."""
     means = sweep.groupby(["method", "lam"], as_index=False)[["val_ppl", "val_misses_per_token"]].mean()
 
     def curve(method):
@@ -296,16 +338,19 @@ def equal_perplexity(sweep: pd.DataFrame, chosen: dict) -> pd.DataFrame:
         return float(np.interp(x, xs, ys)) if xs.min() <= x <= xs.max() else float("nan")
 
     rows = []
-    stack = "cfmoe+cache_prior"
-    for method in ("control", "remoe", "cfmoe", "cache_prior"):
-        point = at(method, chosen.get(method, 0.0))
-        rows.append({"method": method, "against": stack, "val_ppl": point.val_ppl,
+    for stack in STACK_METHODS:
+        if stack not in chosen:
+            continue
+        for method in (*ALONE, "cache_prior"):
+            if method in set(means.method):
+                point = at(method, chosen.get(method, 0.0))
+                rows.append({"method": method, "against": stack, "val_ppl": point.val_ppl,
+                             "method_misses": point.val_misses_per_token,
+                             "against_misses": interp(point.val_ppl, *curve(stack))})
+        point = at(stack, chosen[stack])
+        rows.append({"method": stack, "against": "cache_prior", "val_ppl": point.val_ppl,
                      "method_misses": point.val_misses_per_token,
-                     "against_misses": interp(point.val_ppl, *curve(stack))})
-    point = at(stack, chosen[stack])
-    rows.append({"method": stack, "against": "cache_prior", "val_ppl": point.val_ppl,
-                 "method_misses": point.val_misses_per_token,
-                 "against_misses": interp(point.val_ppl, *curve("cache_prior"))})
+                     "against_misses": interp(point.val_ppl, *curve("cache_prior"))})
     return pd.DataFrame(rows)
 
 
@@ -318,9 +363,9 @@ def equal_verdicts(equal: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
             lines.append(f"{row.against} vs {row.method} at {row.method}'s validation perplexity {row.val_ppl:.1f}: "
                          f"outside {row.against}'s λ curve, no comparison")
             continue
-        better = row.against_misses < row.method_misses if row.method != "cfmoe+cache_prior" else \
-            row.method_misses < row.against_misses
-        winner = "the stack" if better else "not the stack"
+        stack_first = row.method in STACK_METHODS
+        better = row.method_misses < row.against_misses if stack_first else row.against_misses < row.method_misses
+        winner = f"the stack ({row.method if stack_first else row.against})" if better else "not the stack"
         lines.append(f"at validation perplexity {row.val_ppl:.1f}: {row.method} {row.method_misses:.2f} vs "
                      f"{row.against} {row.against_misses:.2f} decode misses per token: {winner} wins")
     at = summary[summary.cache_share == SWEEP[0]].set_index(["method", "policy"])
@@ -339,7 +384,8 @@ def equal_verdicts(equal: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
 
 # method -> (notebook 02 / this notebook's run name, with the cache prior)
 STACKS = {"control": ("lora_control", False), "remoe": ("remoe", False), "cfmoe": ("cfmoe", False),
-          "cache_prior": ("lora_control", True), "cfmoe+cache_prior": ("cfmoe", True)}
+          "cfmoe_light": ("cfmoe_light", False), "cache_prior": ("lora_control", True),
+          "cfmoe+cache_prior": ("cfmoe", True), "cfmoe_light+cache_prior": ("cfmoe_light", True)}
 ENGINE_SETTING = ["method", "share"]
 
 
@@ -425,15 +471,27 @@ def engine_measurements(cfg: StudyConfig, models: dict, chosen: dict, deltas: di
 
 def choose_lambdas(sweep: pd.DataFrame, alone: pd.DataFrame) -> dict[str, float]:
     """Per prior method, the largest λ whose seed-mean validation perplexity is within PRIOR_PPL_BUDGET of its
-    model alone (seed means; the smallest λ when none is)."""
-    reference = PRIORS
+    reference's (`PRIOR_BUDGET_OF`: its model alone, or the control for the light stack; seed means; the smallest
+    λ when none is)."""
     chosen = {}
     for method, group in sweep[sweep.method.isin(list(PRIORS))].groupby("method"):
-        own = alone[(alone.method == reference[method])].groupby("seed").val_ppl.first().mean()
+        own = alone[(alone.method == PRIOR_BUDGET_OF[method])].groupby("seed").val_ppl.first().mean()
         means = group.groupby("lam").val_ppl.mean()
         ok = means[means <= own * (1 + PRIOR_PPL_BUDGET)]
         chosen[method] = float(ok.index.max() if len(ok) else means.index.min())
     return chosen
+
+
+def best_stack(sweep: pd.DataFrame, chosen: dict) -> str:
+    """The stack the headline reports, chosen on validation: of STACK_METHODS at their chosen λ, the one with the
+    fewest validation misses among those whose validation perplexity is within the goal's budget
+    (`claims.STACK_PPL_COST`) of the control's (seed means); when none is, the one with the lowest perplexity."""
+    means = sweep.groupby(["method", "lam"])[["val_ppl", "val_misses_per_token"]].mean()
+    budget = means.loc[("control", 0.0), "val_ppl"] * (1 + claims.STACK_PPL_COST.bound)
+    points = pd.DataFrame([means.loc[(m, chosen[m])] for m in STACK_METHODS if m in chosen],
+                          index=[m for m in STACK_METHODS if m in chosen])
+    within = points[points.val_ppl <= budget]
+    return str(within.val_misses_per_token.idxmin() if len(within) else points.val_ppl.idxmin())
 
 
 def with_changes(methods: pd.DataFrame) -> pd.DataFrame:
