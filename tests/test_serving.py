@@ -320,3 +320,11 @@ def test_an_engine_reads_through_another_tier_for_a_while_and_keeps_its_cache(tm
     engine.generate(ids, max_new_tokens=3, **kwargs)  # each call counts afresh: a miss now sleeps again
     misses, seconds = sum(engine.counters.misses.values()), sum(engine.counters.load_seconds.values())
     assert misses > 0 and seconds / misses >= 0.5 * engine.expert_bytes / (slow * 1e9)
+    # the emulated tier holds the store in host memory, one copy shared with the host tier's
+    with engine.reading_from("host"):
+        assert engine.store.host_copy is throttled.host_copy is not None
+    assert engine.store.host_copy.numel() == (tmp_path / "s.safetensors").stat().st_size
+    with pytest.raises(ValueError, match="host_copy of 3 bytes does not fit tier 'host'"):
+        ExpertStore(tmp_path / "s.safetensors", "host", host_copy=torch.zeros(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="does not fit tier 'direct'"):
+        ExpertStore(tmp_path / "s.safetensors", "direct", host_copy=throttled.host_copy)

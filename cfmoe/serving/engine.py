@@ -38,7 +38,7 @@ import torch
 from .. import cache, moe
 from ..cache import SCOPES
 from ..serving_sim import MODES, layer_seeds, seed_quota
-from .store import ExpertStore, expert_parameters, write_store
+from .store import HOST_BACKED, ExpertStore, expert_parameters, write_store
 
 POLICIES = ("lru", "lfu", "lfu_aging")
 # transformers' experts implementations the engine can run over its slot pool. `eager` loops over the slots a call
@@ -215,8 +215,10 @@ class OffloadEngine:
     def _opened(self, tier: str, bandwidth_gbps: float | None) -> ExpertStore:
         """The store read through `tier`, opened once (unverified: it was checked when first opened)."""
         key = (tier, bandwidth_gbps)
-        if key not in self._stores:
-            self._stores[key] = ExpertStore(self.store.path, tier, bandwidth_gbps, self.device, verify=False)
+        if key not in self._stores:  # host-backed tiers share one copy of the store in host memory
+            shared = next((s.host_copy for s in self._stores.values() if s.host_copy is not None), None)
+            self._stores[key] = ExpertStore(self.store.path, tier, bandwidth_gbps, self.device, verify=False,
+                                            host_copy=shared if tier in HOST_BACKED else None)
         return self._stores[key]
 
     @contextlib.contextmanager

@@ -10,8 +10,11 @@ counts, the fingerprint of the model it was written from (`model_fingerprint`) a
 reader checks when it opens the store. Tiers (every result is labelled with the one used):
 - `direct`: `O_DIRECT` reads, bypassing the page cache (storage speed);
 - `page_cache`: plain reads, which the kernel may serve from memory;
-- `throttled`: plain reads, each load (read and copy into fast memory) held to `bandwidth_gbps` (e.g. the authors'
-  4.5 GB/s flash): an emulated tier, labelled "emulated (sleep-throttled)" in results;
+- `throttled`: an emulated device that delivers an expert into fast memory at `bandwidth_gbps` (e.g. the authors'
+  4.5 GB/s flash), labelled "emulated (sleep-throttled)" in results: the store is held in host memory like the
+  `host` tier's (one copy shared between the two, `host_copy`) and each load, the copy into fast memory, is held to
+  that rate. Reading the file on each load made this machine's own read and pageable copy the limit instead: 4.5
+  GB/s emulated gave loads of 2.5 to 2.9 GB/s on an H100 (2026-12-08);
 - `host`: the store read once into (pinned, with CUDA) host memory, copied to the device per expert.
 """
 
@@ -32,6 +35,7 @@ import torch
 from .. import moe
 
 TIERS = ("direct", "page_cache", "throttled", "host")
+HOST_BACKED = ("host", "throttled")  # tiers that hold the store in host memory
 FORMAT = "cfmoe-expert-store"
 _ALIGN = 4096
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -118,7 +122,8 @@ class ExpertStore:
     to the load times measured (x2.5 on a fresh reader of 147 kB experts from the page cache)."""
 
     def __init__(self, path: str | os.PathLike, tier: str = "direct", bandwidth_gbps: float | None = None,
-                 device: str | torch.device = "cpu", verify: bool = True):
+                 device: str | torch.device = "cpu", verify: bool = True, host_copy: torch.Tensor | None = None):
+        """`host_copy`: another host-backed store's `host_copy` of this file, shared instead of read again."""
         if tier not in TIERS:
             raise ValueError(f"unknown tier {tier!r}; valid: {', '.join(TIERS)}")
         if tier == "throttled" and not (bandwidth_gbps and bandwidth_gbps > 0):
@@ -177,18 +182,28 @@ class ExpertStore:
             self.verify()
         self.bytes_read = 0
         self._host = None
+        if host_copy is not None and (tier not in HOST_BACKED or host_copy.numel() != size):
+            raise ValueError(f"host_copy of {host_copy.numel()} bytes does not fit tier {tier!r} of the {size}-byte "
+                             f"store {self.path}; share it between the tiers {', '.join(HOST_BACKED)} of one store")
         flags = os.O_RDONLY
         if tier == "direct":
             flags |= os.O_DIRECT
         self._fd = os.open(self.path, flags)
         self._buffer = mmap.mmap(-1, self.max_span + 2 * _ALIGN)  # page-aligned, as O_DIRECT needs
-        if tier == "host":
+        if tier in HOST_BACKED and host_copy is not None:
+            self._host = host_copy
+        elif tier in HOST_BACKED:
             # read straight into (pinned) host memory, in chunks: one copy of the store, not two
             self._host = torch.empty(size, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
             view, chunk = memoryview(self._host.numpy()), 1 << 28
             with open(self.path, "rb", buffering=0) as f:
                 for start in range(0, size, chunk):
                     f.readinto(view[start:start + chunk])
+
+    @property
+    def host_copy(self) -> torch.Tensor | None:
+        """The store's bytes in host memory (host-backed tiers), to share with another tier of the same store."""
+        return self._host
 
     def verify(self) -> None:
         """Check every expert's bytes against its checksum; a corrupt one raises a one-line ValueError."""
@@ -220,9 +235,9 @@ class ExpertStore:
 
     def load(self, layer: int, expert: int, into: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
         """Read the expert and copy each tensor into `into[name]` (a slot in fast memory). On the `throttled`
-        tier the whole load, read and copy, is held to `bandwidth_gbps`: the emulated device delivers an expert
-        into fast memory at that rate (holding the read alone let the copy from its pageable buffer come on top:
-        4.5 GB/s emulated gave 2.6-3.1 GB/s loads on an H100)."""
+        tier the whole load is held to `bandwidth_gbps`: the emulated device delivers an expert into fast memory at
+        that rate (holding the read alone let the copy from its pageable buffer come on top: 4.5 GB/s emulated gave
+        2.6-3.1 GB/s loads on an H100)."""
         started = time.perf_counter()
         for name, value in self._read(layer, expert).items():
             into[name].copy_(value, non_blocking=non_blocking)
