@@ -286,8 +286,8 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict:
                note="validation text, 25% of experts cached, LRU; seed means; the stack's λ curve interpolated")
     verdict = verdicts(summary, sweep) + equal_verdicts(equal, summary)
     return {"methods": methods, "summary": summary, "sweep": sweep, "remoe_sweep": remoe_sweep, "chosen": chosen,
-            "remoe_weight": remoe_weight, "light": light, "verdicts": verdict, "generated": quality_summary, "engine": engine_summary,
-            "equal": equal}
+            "remoe_weight": remoe_weight, "light": light, "verdicts": verdict, "generated": quality_summary,
+            "engine": engine_summary, "equal": equal}
 
 
 # a prior method -> the model it runs on, and the method whose validation perplexity its λ's budget is relative to
