@@ -263,6 +263,12 @@ def test_the_light_stacks_weight_is_notebook_01s_rule_at_its_share_of_the_goals_
     assert beyond_cfmoe.light_weight(cfg, {"kind": "l2"})["weight"] == 3.0  # over budget at every weight
     with pytest.raises(ValueError, match="no loss 'skl'"):
         beyond_cfmoe.light_weight(cfg, {"kind": "skl"})
+    # a preset without a sweep of its own takes the cpu preset's, as its weight did; only then
+    (folder / "pareto.csv").rename(tmp_path / router_design.NOTEBOOK / "pareto.csv")
+    gpu = beyond_cfmoe.light_weight(load_config("gpu"), {"kind": "js", "run": "preset default"})
+    assert gpu["weight"] == light["weight"] and gpu["sweep"] == f"{router_design.NOTEBOOK}/pareto.csv"
+    with pytest.raises(ValueError, match="pareto.csv is missing"):
+        beyond_cfmoe.light_weight(cfg, {"kind": "js", "run": "js@4.139"})
 
 
 def test_decode_windows_cut_blocks_in_order(monkeypatch):

@@ -38,7 +38,7 @@ import torch
 
 from .. import cache, claims, costmodel, data, evaluate, finetune, moe, stats, textquality
 from ..cache_prior import OnlineCache, cache_prior, decode_teacher_forced, router_spread
-from ..config import StudyConfig
+from ..config import StudyConfig, results_root, results_subdir
 from ..determinism import make_deterministic
 from ..present import plots
 from ..provenance import save_figure, save_table
@@ -301,8 +301,11 @@ def light_weight(cfg: StudyConfig, choice: dict) -> dict:
     """CFMoE's loss weight for the light stack: notebook 01's rule (its chosen loss; validation ECR at matched
     validation perplexity over the control, interpolated in log(weight)) at LIGHT_BUDGET_SHARE of the goal's
     perplexity budget, from notebook 01's sweep; where that loss does not cross the budget, its highest-ECR weight
-    within it, else its smallest weight."""
+    within it, else its smallest weight. A preset that runs no sweep of its own (the gpu preset, whose loss and
+    weight are the cpu choice's: `finetune.locality_*`) takes the cpu preset's sweep, as its weight did."""
     path = cfg.results_dir(router_design.NOTEBOOK) / "pareto.csv"
+    if not path.is_file() and choice.get("run") == "preset default":
+        path = results_root() / results_subdir(router_design.NOTEBOOK, "cpu") / "pareto.csv"
     if not path.is_file():
         raise ValueError(f"{path} is missing: run notebook 01 first (python -m cfmoe.stages router_design)")
     budget = LIGHT_BUDGET_SHARE * claims.STACK_PPL_COST.bound
@@ -318,7 +321,7 @@ def light_weight(cfg: StudyConfig, choice: dict) -> dict:
     else:
         weight, how = float(sweep[sweep.kind == choice["kind"]].weight.min()), "every weight over budget: the smallest"
     return {"kind": choice["kind"], "weight": float(f"{weight:.4g}"), "ppl_budget": budget, "how": how,
-            "selected_on": "validation (notebook 01's sweep)"}
+            "selected_on": "validation (notebook 01's sweep)", "sweep": str(path.relative_to(results_root()))}
 
 
 def equal_perplexity(sweep: pd.DataFrame, chosen: dict) -> pd.DataFrame:
