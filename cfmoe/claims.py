@@ -37,9 +37,12 @@ DEEPSEEK_MOE_16B = {
 EDGE_DEVICES = {"cpu": (45.0, 4.5), "npu": (75.0, 4.5)}
 
 # --- real routing the stand-in is held against --------------------------------------------------------------
-# DeepSeek-V2-Lite-Chat, 1,999 chat prompts (MoE-Beyond's released routing): pooled ECR and its per-layer shape
+# DeepSeek-V2-Lite-Chat, 1,999 chat prompts (MoE-Beyond's released routing): pooled ECR and its per-layer shape,
+# measured from the released CSVs by scripts/real_routing.py (the tests hold these figures to its committed summary)
 REAL_ROUTING = {"model": "DeepSeek-V2-Lite-Chat", "ecr": 0.265, "ecr_over_k_over_e": 2.82,
                 "first_layer_ecr": 0.14, "peak_layer_ecr": 0.34, "last_layer_ecr": 0.21}
+# its whole per-layer profile (ECR, ECR/(k/E), busiest expert per MoE layer), relative to the repository's root
+REAL_ROUTING_PROFILE = "results/00_base_model/real_routing/per_layer.csv"
 
 
 # --- the study's targets ------------------------------------------------------------------------------------

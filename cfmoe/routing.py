@@ -444,7 +444,7 @@ def read_trace(path: str | os.PathLike, n_experts: int | None = None) -> Routing
 
 def _prompt_number(path: Path) -> int:
     middle = path.name[len("prompt_"):-len("_data.csv")]
-    if not middle.isdigit():
+    if not middle.isdecimal():
         raise ValueError(f"{path}: expected prompt_<n>_data.csv with an integer n")
     return int(middle)
 
@@ -492,7 +492,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             mine = rows & (layer == index)
             block[:, index] = experts[mine]
             if index == 0:
-                ids = np.array([int(t) if str(t).strip().lstrip("-").isdigit() and int(t) >= 0 else 0
+                ids = np.array([int(t) if str(t).strip().isdecimal() else 0
                                 for t in token_text[mine]])
         out_experts.append(block)
         out_phase.append(np.full(n, DECODE if n == 1 else PREFILL))

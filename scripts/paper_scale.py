@@ -2,6 +2,8 @@
 study's routing, resident and through the offloading engine; writes results/05_serving/paper_scale/.
 
     python scripts/paper_scale.py export                 # here: the study's streams -> artifacts/cpu/paper_scale/
+    python scripts/real_routing.py DIR... --source S --export artifacts/cpu/paper_scale/deepseek_v2_lite.npz
+                                                         # here: real routing as a stream (grid `real`)
     python scripts/paper_scale.py measure --grid host    # on the GPU (carry artifacts/cpu/paper_scale)
     python scripts/paper_scale.py summarize              # here: measurements.csv, memory_saved.csv, the figure
     python scripts/paper_scale.py warmth                 # here: how cold the measurement's cache is (simulation)
@@ -24,6 +26,7 @@ from cfmoe.provenance import save_table  # noqa: E402
 from cfmoe.stages import serving  # noqa: E402
 
 STREAMS = ROOT / "artifacts" / "cpu" / "paper_scale"
+REAL_STREAM = "deepseek_v2_lite"  # scripts/real_routing.py --export artifacts/cpu/paper_scale/deepseek_v2_lite.npz
 EMULATED = claims.EDGE_DEVICES["cpu"][1]  # the authors' flash, GB/s: an emulated (sleep-throttled) tier
 # Planned for one measuring process of at most two 10-minute device calls (one set-up, ~100 s; ~10 s an engine run
 # on an H100 at 32 decode tokens): the grids run in the order given on the command line, most important first.
@@ -42,6 +45,9 @@ GRIDS = {
     # routing), beside the host grid: can a layer's compute hide a load at this size?
     "prefetch_oracle": [{"tier": "host", "share": s, "policy": "lru", "prefetch": "oracle",
                          "sources": ("lora_control", "cfmoe")} for s in (0.25, 0.5)],
+    # real routing: DeepSeek-V2-Lite-Chat's released prompts (`scripts/real_routing.py --export`, as local as real
+    # models, unlike the stand-in), by share, LRU: the issue's first measurement, repeated on this engine (20 runs)
+    "real": [{"tier": "host", "share": s, "policy": "lru", "sources": (REAL_STREAM,)} for s in (0.0625, 0.25, 0.5, 0.75)],
     "emulated": [{"tier": "throttled", "gbps": EMULATED, "share": s, "policy": "lru", "sources": ("lora_control", "cfmoe")}
                  for s in (0.25, 0.5)],
     # long prompts beside decode (issue: where does disaggregated prefill pay?): CFMoE's routing, 25% cached, LRU,
@@ -91,6 +97,10 @@ def main(argv=None) -> None:
         raise ValueError(f"--shares {args.shares} selects no setting of {args.grid}; their shares: "
                          f"{sorted({s['share'] for g in args.grid for s in GRIDS[g]})}")
     streams = _streams()
+    missing = sorted({s for setting in settings for s in setting["sources"]} - set(streams))
+    if missing:
+        raise ValueError(f"--grid {' '.join(args.grid)} replays {missing}, not in {STREAMS}: export them first "
+                         f"(`paper_scale.py export`; {REAL_STREAM}: `scripts/real_routing.py ... --export`)")
     shrink = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
               "num_key_value_heads": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
               "vocab_size": 1024} if args.tiny else {}
@@ -99,7 +109,8 @@ def main(argv=None) -> None:
     common = {"repeats": args.repeats, "new_tokens": args.new_tokens, "requests": args.requests, "grids": args.grid,
               "warm_tokens": args.warm_tokens, "warm_up_reads": "host tier (untimed: only fills the cache)",
               "shares": args.shares or "all",
-              "layer_map": "stand-in MoE layer floor(l * 6 / 27) for paper MoE layer l (routing.default_layer_map)"}
+              "layer_map": "trace MoE layer floor(l * L / 27) for paper MoE layer l, L the stream's MoE layers: 6 for "
+                           "the stand-in's, 26 for DeepSeek-V2-Lite's (routing.default_layer_map)"}
 
     def write(grid: str, measured, setup: dict) -> None:
         """One grid's tables as soon as it ends, with the set-up's (resident tokens/s, machine) beside them."""

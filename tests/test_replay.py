@@ -99,6 +99,14 @@ def test_read_one_csv():
     assert trace.experts[4].tolist() == [[9, 11, 3], [6, 4, 10]]
 
 
+def test_token_text_that_is_not_an_id_reads_as_zero(tmp_path):
+    """The released files name tokens by their text: BPE pieces, superscript digits, quoted commas, negatives."""
+    rows = ['1,0,"¹","[1, 2]"', '1,0,Ġdo,"[2, 3]"', '1,0,",","[1, 3]"', '1,0,-4,"[0, 1]"', '1,0,17,"[0, 2]"']
+    (tmp_path / "t.csv").write_text("Layer ID,Batch Number,Token,Activated Expert IDs\n" + "\n".join(rows) + "\n",
+                                    encoding="utf-8")
+    assert read_trace(tmp_path / "t.csv").token_ids.tolist() == [0, 0, 0, 0, 17]
+
+
 def test_read_a_directory_in_numeric_order_and_our_npz(tmp_path):
     trace = read_trace(FIXTURE, n_experts=16)
     assert trace.n_experts == 16 and trace.meta["requests"] == [5, 3]  # prompt_2 before prompt_10

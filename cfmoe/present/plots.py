@@ -50,9 +50,10 @@ def training_curve(log: pd.DataFrame, top_k: int) -> plt.Figure:
     return fig
 
 
-def standin_profile(per_layer: pd.DataFrame) -> plt.Figure:
+def standin_profile(per_layer: pd.DataFrame, real_profile: pd.DataFrame | None = None) -> plt.Figure:
     """Per-layer ECR / (k/E) of our base model against relative depth, beside real DeepSeek-V2-Lite routing's
-    first, peak and last layer (`claims.REAL_ROUTING`, reported figures: points, not a measured curve)."""
+    whole profile (`real_profile`: `moe_layer`, `ecr_over_k_e`, measured from its released routing) or, without
+    it, its first, peak and last layer (`claims.REAL_ROUTING`: points, not a curve)."""
     from .. import claims
 
     real = claims.REAL_ROUTING
@@ -60,9 +61,13 @@ def standin_profile(per_layer: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     depth = per_layer.moe_layer / max(1, per_layer.moe_layer.max())
     ax.plot(depth, per_layer.ecr_over_k_e, marker="o", label="ours (teacher-forced test)")
-    ax.scatter([0, 0.5, 1], [real["first_layer_ecr"] / real_k_over_e, real["peak_layer_ecr"] / real_k_over_e,
-                             real["last_layer_ecr"] / real_k_over_e], color="C3", marker="D", zorder=3,
-               label=f"{real['model']} (first, peak, last; reported)")
+    if real_profile is not None:
+        ax.plot(real_profile.moe_layer / max(1, real_profile.moe_layer.max()), real_profile.ecr_over_k_e,
+                color="C3", marker="D", ms=3, label=f"{real['model']} (released routing, chat prompts)")
+    else:
+        ax.scatter([0, 0.5, 1], [real["first_layer_ecr"] / real_k_over_e, real["peak_layer_ecr"] / real_k_over_e,
+                                 real["last_layer_ecr"] / real_k_over_e], color="C3", marker="D", zorder=3,
+                   label=f"{real['model']} (first, peak, last; reported)")
     ax.axhline(real["ecr_over_k_over_e"], ls=":", color="C3", lw=1, label=f"{real['model']} pooled")
     ax.axhline(1.0, ls="--", color="grey", lw=1, label="i.i.d. routing")
     ax.set(xlabel="relative depth of the MoE layer", ylabel="ECR / (k/E)", title="routing locality per layer")

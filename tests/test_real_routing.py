@@ -1,0 +1,113 @@
+"""Real routing the stand-in is held against: scripts/real_routing.py, its committed tables and their use in notebook 00."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cfmoe import claims, metrics
+from cfmoe.routing import DECODE, PREFILL, read_trace
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = Path(__file__).parent / "fixtures" / "routing_csv"  # prompt_2 (5 tokens), prompt_10 (3 tokens)
+SCRIPT = ROOT / "scripts" / "real_routing.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("real_routing", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_pairs_tokens_within_a_request_only():
+    script = _script()
+    valid = script.within_requests([5, 3])
+    assert valid.tolist() == [True] * 4 + [False] + [True] * 2
+    trace = read_trace(FIXTURE)
+    per_layer, summary = script.profile(trace, [5, 3])
+    assert np.allclose(per_layer.ecr, metrics.expert_consistency_rate(trace.experts, per_layer=True, valid_pairs=valid))
+    # the pair across the two prompts (token 4 -> 5) would count 1/3 in layer 0 and 1/3 in layer 1
+    assert not np.allclose(per_layer.ecr, metrics.expert_consistency_rate(trace.experts, per_layer=True))
+    assert np.allclose(per_layer.max_load_ratio, metrics.max_load_ratio(trace.experts, trace.n_experts))
+    row = summary.iloc[0]
+    assert (row.requests, row.tokens, row.pairs, row.moe_layers) == (2, 8, 6, 2)
+    assert row.ecr == pytest.approx(per_layer.ecr.mean()) and row.ecr_over_k_e == pytest.approx(row.ecr / (3 / 12))
+    assert row.first_layer_ecr == per_layer.ecr.iloc[0] and row.last_layer_ecr == per_layer.ecr.iloc[-1]
+    with pytest.raises(ValueError, match=r"request lengths sum to 7 tokens, the trace has 8"):
+        script.profile(trace, [4, 3])
+    with pytest.raises(ValueError, match=r"positive token counts, got \[5, 0\]"):
+        script.within_requests([5, 0])
+
+
+def test_script_writes_the_profile_and_a_replayable_stream(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(FIXTURE), "--source", "fixture", "--out", str(tmp_path),
+                           "--export", str(tmp_path / "s.npz"), "--export-requests", "1", "--export-tokens", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(pd.read_csv(tmp_path / "per_layer.csv")) == 2
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary.requests.tolist() == [2] and summary.tokens.tolist() == [8]
+    stream = read_trace(tmp_path / "s.npz")  # prompt_2, the one prompt of at least 4 tokens
+    assert stream.meta["requests"] == [[1, 4]] and stream.phase.tolist() == [PREFILL] + [DECODE] * 4
+    assert np.array_equal(stream.experts, read_trace(FIXTURE).experts[:5])
+    bad = subprocess.run([sys.executable, str(SCRIPT), str(FIXTURE), "--source", "fixture", "--out", str(tmp_path),
+                          "--export", str(tmp_path / "t.npz"), "--export-requests", "2", "--export-tokens", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "scripts/real_routing.py: error: --export-requests 2: 1 prompts have at least 4 tokens; use 1 to 1"]
+
+
+def test_the_quoted_real_routing_figures_are_the_measured_ones():
+    """`claims.REAL_ROUTING` (what notebook 00 and the README quote) against the committed measurement."""
+    summary = pd.read_csv(ROOT / Path(claims.REAL_ROUTING_PROFILE).parent / "summary.csv").iloc[0]
+    real = claims.REAL_ROUTING
+    assert summary.model == real["model"] and summary.requests == 1999
+    assert round(summary.ecr, 3) == real["ecr"] and round(summary.ecr_over_k_e, 2) == real["ecr_over_k_over_e"]
+    for name in ("first_layer_ecr", "peak_layer_ecr", "last_layer_ecr"):
+        assert round(summary[name], 2) == real[name], name
+    profile = pd.read_csv(ROOT / claims.REAL_ROUTING_PROFILE)
+    assert len(profile) == summary.moe_layers and profile.ecr.max() == pytest.approx(summary.peak_layer_ecr)
+
+
+def test_notebook_00_sets_the_stand_in_beside_the_whole_real_profile():
+    from cfmoe.present import plots
+    from cfmoe.stages import base_model
+
+    profile = base_model.real_profile()
+    assert profile is not None and list(profile.moe_layer) == list(range(26))
+    ours = np.array([0.1, 0.3, 0.2])
+    table = base_model.standin_vs_real(ours, 0.2, 0.1, profile).set_index("measure")
+    depth = table.loc["peak layer's relative depth"]
+    assert depth.iloc[0] == 0.5 and depth.iloc[1] == pytest.approx(profile.ecr.idxmax() / 25)
+    assert np.isnan(base_model.standin_vs_real(ours, 0.2, 0.1).set_index("measure").iloc[-1, 1])
+    per_layer = pd.DataFrame({"moe_layer": range(3), "ecr_over_k_e": ours / 0.1})
+    for real in (profile, None):
+        labels = [line.get_label() for line in plots.standin_profile(per_layer, real).axes[0].get_lines()]
+        assert any("released routing" in label for label in labels) == (real is not None)
+
+
+def test_a_real_routing_stream_replays_on_the_paper_scale_model(tmp_path):
+    """A stream of 26 MoE layers (DeepSeek-V2-Lite's), exported as the script exports it, served by the paper-scale
+    measurement on a tiny model of that structure (its 2 MoE layers replay trace layers 0 and 13)."""
+    from cfmoe.routing import RoutingTrace
+    from cfmoe.stages import serving
+
+    from test_serving_study import TINY_PAPER_MODEL
+
+    rng = np.random.default_rng(0)
+    lengths = [30, 5, 40]
+    experts = np.stack([np.stack([rng.choice(64, 6, replace=False) for _ in range(26)]) for _ in range(sum(lengths))])
+    trace = RoutingTrace(experts, None, np.zeros(sum(lengths), int), np.zeros(sum(lengths), int), 64, {})
+    stream = _script().stream(trace, lengths, requests=2, min_tokens=20)
+    assert stream.meta["requests"] == [[1, 29], [1, 39]] and stream.n_layers == 26
+    settings = [{"tier": "host", "share": 0.25, "policy": "lru", "sources": ("deepseek_v2_lite",), "grid": "real"}]
+    out = serving.paper_scale_measure({"deepseek_v2_lite": stream}, settings, repeats=1, new_tokens=6, requests=1,
+                                      warm_tokens=8, device="cpu", store_path=tmp_path / "store.safetensors",
+                                      dtype_name="float32", **TINY_PAPER_MODEL)
+    m = out["measurements"]
+    assert m.routing_source.tolist() == ["deepseek_v2_lite"] and (m.tokens_per_s > 0).all()
