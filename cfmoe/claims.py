@@ -41,8 +41,9 @@ EDGE_DEVICES = {"cpu": (45.0, 4.5), "npu": (75.0, 4.5)}
 # measured from the released CSVs by scripts/real_routing.py (the tests hold these figures to its committed summary)
 REAL_ROUTING = {"model": "DeepSeek-V2-Lite-Chat", "ecr": 0.265, "ecr_over_k_over_e": 2.82,
                 "first_layer_ecr": 0.14, "peak_layer_ecr": 0.34, "last_layer_ecr": 0.21}
-# its whole per-layer profile (ECR, ECR/(k/E), busiest expert per MoE layer), relative to the repository's root
-REAL_ROUTING_PROFILE = "results/00_base_model/real_routing/per_layer.csv"
+# the measurement, relative to the repository's root: summary.csv (the figures above), per_layer.csv (ECR, ECR/(k/E),
+# busiest expert per MoE layer) and lru_vs_iid.csv (per-layer LRU hit rate by capacity, beside i.i.d. routing's)
+REAL_ROUTING_DIR = "results/00_base_model/real_routing"
 
 
 # --- the study's targets ------------------------------------------------------------------------------------

@@ -4,12 +4,14 @@
     # the MoE-Beyond project's routing CSVs (github.com/ngavhane/moe-beyond: training_data_eamc/ and
     # expert_activation_scripts/training_data_eamc/, one prompt_<n>_data.csv per chat prompt), read as given:
     python scripts/real_routing.py DIR [DIR ...] --source "github:ngavhane/moe-beyond@4dca2ea"
-    #   -> results/00_base_model/real_routing/per_layer.csv (`claims.REAL_ROUTING_PROFILE`) and summary.csv
+    #   -> results/00_base_model/real_routing/ (`claims.REAL_ROUTING_DIR`): per_layer.csv, summary.csv and
+    #      lru_vs_iid.csv (a per-layer LRU cache's hit rate by capacity, as notebook 01 measures the base model's)
     python scripts/real_routing.py DIR ... --source ... --export artifacts/cpu/paper_scale/deepseek_v2_lite.npz
     #   also a replayable stream for the paper-scale model (scripts/paper_scale.py, grid `real`)
 
 Nothing is downloaded: the CSVs are read from where they lie. Notebook 00 draws the stand-in's per-layer profile
-beside the committed one, and the tests hold `claims.REAL_ROUTING` (the figures the study quotes) to the summary.
+beside the committed one, notebook 01 its LRU curve beside real routing's, and the tests hold `claims.REAL_ROUTING`
+(the figures the study quotes) to the summary.
 The released routing holds prompt tokens only, so the exported stream replays each prompt as one request whose
 first token is its prompt and whose other tokens are decode steps: token-to-token routing, as in decoding.
 """
@@ -30,6 +32,7 @@ from cfmoe import claims, metrics, routing  # noqa: E402
 from cfmoe.cli import user_errors  # noqa: E402
 from cfmoe.config import load_config  # noqa: E402
 from cfmoe.provenance import save_table  # noqa: E402
+from cfmoe.stages import router_design  # noqa: E402
 
 
 def within_requests(lengths) -> np.ndarray:
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("folders", nargs="+", help="directories of prompt_<n>_data.csv routing files")
     parser.add_argument("--source", required=True, help="where the files come from, recorded in the sidecars")
     parser.add_argument("--model", default="DeepSeek-V2-Lite-Chat")
-    parser.add_argument("--out", help="default: the folder of claims.REAL_ROUTING_PROFILE (in this repository)")
+    parser.add_argument("--out", help="default: claims.REAL_ROUTING_DIR (in this repository)")
     parser.add_argument("--export", help="also write a replayable .npz stream here (for scripts/paper_scale.py)")
     parser.add_argument("--export-requests", type=int, default=16,
                         help="the stream's requests: the first this many prompts of at least --export-tokens tokens")
@@ -110,15 +113,18 @@ def main(argv=None) -> None:
                         help="default 97: one prompt token, 64 warm-up and 32 timed decode steps")
     args = parser.parse_args(argv)
     cfg = load_config("cpu")
-    out = Path(args.out) if args.out else (ROOT / claims.REAL_ROUTING_PROFILE).parent
+    out = Path(args.out) if args.out else ROOT / claims.REAL_ROUTING_DIR
     trace, lengths = read(args.folders)
     trace.meta.update({"model": args.model, "source": args.source})
     per_layer, summary = profile(trace, lengths)
     summary.insert(0, "model", args.model)
     extra = {"source": args.source, "model": args.model,
              "note": "prompt tokens of chat prompts; ECR over consecutive tokens within one prompt"}
-    save_table(per_layer, out / Path(claims.REAL_ROUTING_PROFILE).stem, cfg, **extra)
+    save_table(per_layer, out / "per_layer", cfg, **extra)
     save_table(summary, out / "summary", cfg, **extra)
+    # one stream, the cache carried from prompt to prompt, as notebook 01 runs the base model's test blocks
+    save_table(router_design.routing_ceiling(trace.experts, trace.n_experts)["lru"], out / "lru_vs_iid", cfg,
+               **extra, cache="per-layer LRU over the prompts in order, carried across prompts")
     if args.export:
         print(f"stream: {stream(trace, lengths, args.export_requests, args.export_tokens).save(args.export)}")
     print(summary.T.to_string(header=False))

@@ -50,6 +50,7 @@ def test_script_writes_the_profile_and_a_replayable_stream(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(pd.read_csv(tmp_path / "per_layer.csv")) == 2
+    assert pd.read_csv(tmp_path / "lru_vs_iid.csv").capacity_per_layer.tolist() == list(range(3, 13))
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert summary.requests.tolist() == [2] and summary.tokens.tolist() == [8]
     stream = read_trace(tmp_path / "s.npz")  # prompt_2, the one prompt of at least 4 tokens
@@ -64,21 +65,23 @@ def test_script_writes_the_profile_and_a_replayable_stream(tmp_path):
 
 def test_the_quoted_real_routing_figures_are_the_measured_ones():
     """`claims.REAL_ROUTING` (what notebook 00 and the README quote) against the committed measurement."""
-    summary = pd.read_csv(ROOT / Path(claims.REAL_ROUTING_PROFILE).parent / "summary.csv").iloc[0]
+    summary = pd.read_csv(ROOT / claims.REAL_ROUTING_DIR / "summary.csv").iloc[0]
     real = claims.REAL_ROUTING
     assert summary.model == real["model"] and summary.requests == 1999
     assert round(summary.ecr, 3) == real["ecr"] and round(summary.ecr_over_k_e, 2) == real["ecr_over_k_over_e"]
     for name in ("first_layer_ecr", "peak_layer_ecr", "last_layer_ecr"):
         assert round(summary[name], 2) == real[name], name
-    profile = pd.read_csv(ROOT / claims.REAL_ROUTING_PROFILE)
+    profile = pd.read_csv(ROOT / claims.REAL_ROUTING_DIR / "per_layer.csv")
     assert len(profile) == summary.moe_layers and profile.ecr.max() == pytest.approx(summary.peak_layer_ecr)
+    lru = pd.read_csv(ROOT / claims.REAL_ROUTING_DIR / "lru_vs_iid.csv")
+    assert (lru.measured_lru_hit_rate > lru.iid_lru_hit_rate).all() and lru.capacity_per_layer.iloc[0] == 6
 
 
-def test_notebook_00_sets_the_stand_in_beside_the_whole_real_profile():
+def test_notebooks_00_and_01_set_the_stand_in_beside_real_routing():
     from cfmoe.present import plots
-    from cfmoe.stages import base_model
+    from cfmoe.stages import base_model, runs
 
-    profile = base_model.real_profile()
+    profile = runs.real_routing("per_layer")
     assert profile is not None and list(profile.moe_layer) == list(range(26))
     ours = np.array([0.1, 0.3, 0.2])
     table = base_model.standin_vs_real(ours, 0.2, 0.1, profile).set_index("measure")
@@ -88,6 +91,12 @@ def test_notebook_00_sets_the_stand_in_beside_the_whole_real_profile():
     per_layer = pd.DataFrame({"moe_layer": range(3), "ecr_over_k_e": ours / 0.1})
     for real in (profile, None):
         labels = [line.get_label() for line in plots.standin_profile(per_layer, real).axes[0].get_lines()]
+        assert any("released routing" in label for label in labels) == (real is not None)
+    lru = runs.real_routing("lru_vs_iid")
+    reuse = pd.DataFrame({"moe_layer": [0, 0], "distance": [1, 2], "share_of_reuses": [0.6, 0.4]})
+    ceiling = pd.DataFrame({"moe_layer": [0], "ecr": [0.2], "iid_ecr": [0.09]})
+    for real in (lru, None):
+        labels = [line.get_label() for line in plots.routing_ceiling(ceiling, lru, reuse, real).axes[1].get_lines()]
         assert any("released routing" in label for label in labels) == (real is not None)
 
 

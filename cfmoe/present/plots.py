@@ -94,8 +94,10 @@ def expert_load(load: np.ndarray, top_k: int) -> plt.Figure:
     return fig
 
 
-def routing_ceiling(per_layer: pd.DataFrame, lru: pd.DataFrame, reuse: pd.DataFrame) -> plt.Figure:
-    """Per-layer ECR against k/E, measured LRU hit rate against the i.i.d. curve, and reuse distances."""
+def routing_ceiling(per_layer: pd.DataFrame, lru: pd.DataFrame, reuse: pd.DataFrame,
+                    real_lru: pd.DataFrame | None = None) -> plt.Figure:
+    """Per-layer ECR against k/E, measured LRU hit rate against the i.i.d. curve (and, given `real_lru`, real
+    DeepSeek-V2-Lite routing's, measured the same way from its released routing), and reuse distances."""
     fig, (ax_ecr, ax_lru, ax_reuse) = plt.subplots(1, 3, figsize=(14, 3.8))
     sns.barplot(data=per_layer, x="moe_layer", y="ecr", ax=ax_ecr, color="C0")
     ax_ecr.axhline(per_layer.iid_ecr.iloc[0], ls="--", color="C3", label="i.i.d. balanced (k/E)")
@@ -103,6 +105,9 @@ def routing_ceiling(per_layer: pd.DataFrame, lru: pd.DataFrame, reuse: pd.DataFr
     ax_ecr.legend(loc="lower right")
     sns.lineplot(data=lru, x="capacity_per_layer", y="measured_lru_hit_rate", ax=ax_lru, marker="o", label="measured")
     sns.lineplot(data=lru, x="capacity_per_layer", y="iid_lru_hit_rate", ax=ax_lru, ls="--", label="i.i.d. routing")
+    if real_lru is not None:
+        sns.lineplot(data=real_lru, x="capacity_per_layer", y="measured_lru_hit_rate", ax=ax_lru, marker="D", ms=4,
+                     color="C3", label="DeepSeek-V2-Lite (released routing)")
     ax_lru.set(xlabel="LRU capacity (experts per layer)", ylabel="hit rate", title="per-layer LRU cache")
     sns.lineplot(data=reuse, x="distance", y="share_of_reuses", hue="moe_layer", ax=ax_reuse, palette="viridis")
     ax_reuse.set(xscale="log", xlabel="reuse distance (tokens)", ylabel="share of reuses", title="reuse distance")

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .. import claims, metrics, model, moe
-from ..config import ROOT, StudyConfig
+from ..config import StudyConfig
 from ..determinism import make_deterministic
 from ..present import plots
 from ..provenance import save_figure, save_table
@@ -60,9 +60,8 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict[str, pd.DataFrame]:
     loads = pd.DataFrame(load, columns=[f"e{i}" for i in range(info.n_experts)]).assign(moe_layer=range(len(load)))
     extra = {"eval_seconds": round(eval_seconds, 1)}
     real = standin_vs_real(per_layer.ecr.to_numpy(), float(summary.test_ecr.iloc[0]), info.top_k / info.n_experts,
-                           real_profile())
-    save_table(real, out / "standin_vs_real", cfg, reference=claims.REAL_ROUTING,
-               profile=claims.REAL_ROUTING_PROFILE)
+                           runs.real_routing("per_layer"))
+    save_table(real, out / "standin_vs_real", cfg, reference=claims.REAL_ROUTING, measured=claims.REAL_ROUTING_DIR)
     save_table(summary, out / "base_model", cfg, **extra)
     save_table(per_layer, out / "expert_load_per_layer", cfg)
     save_table(loads, out / "expert_load", cfg)
@@ -86,18 +85,11 @@ def last_tenth_gain(log: pd.DataFrame) -> float:
     return float((start - evals.eval_loss.min()) / start)
 
 
-def real_profile() -> pd.DataFrame | None:
-    """Real routing's per-layer profile (`claims.REAL_ROUTING_PROFILE`, measured by scripts/real_routing.py from
-    the released routing), or None in a checkout without it."""
-    path = ROOT / claims.REAL_ROUTING_PROFILE
-    return pd.read_csv(path) if path.is_file() else None
-
-
 def standin_vs_real(per_layer_ecr: np.ndarray, pooled_ecr: float, k_over_e: float,
                     profile: pd.DataFrame | None = None) -> pd.DataFrame:
     """Our base model's routing locality beside real DeepSeek-V2-Lite routing (`claims.REAL_ROUTING`): pooled
     ECR / (k/E), and the per-layer profile's first, peak and last layer; with real routing's whole `profile`
-    (`real_profile`), where along the depth each peaks too."""
+    (`runs.real_routing("per_layer")`), where along the depth each peaks too."""
     real = claims.REAL_ROUTING
     real_peak = (float(profile.ecr.to_numpy().argmax()) / max(1, len(profile) - 1) if profile is not None
                  else float("nan"))
@@ -117,8 +109,8 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     if not results["training_log"].empty:
         save_figure(plots.training_curve(results["training_log"], results["info"].top_k), out / "training_curve", cfg)
     save_figure(plots.expert_load(results["load"], results["info"].top_k), out / "expert_load", cfg)
-    save_figure(plots.standin_profile(results["per_layer"], real_profile()), out / "standin_profile", cfg,
-                profile=claims.REAL_ROUTING_PROFILE)
+    save_figure(plots.standin_profile(results["per_layer"], runs.real_routing("per_layer")), out / "standin_profile",
+                cfg, measured=claims.REAL_ROUTING_DIR)
 
 
 compute = runs.one_result_set(NOTEBOOK, _compute, figures)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import cache, finetune, locality, metrics, moe, stats, training
+from .. import cache, claims, finetune, locality, metrics, moe, stats, training
 from ..config import RouterDesignConfig, StudyConfig
 from ..determinism import make_deterministic
 from ..present import plots
@@ -330,7 +330,9 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     """Figures of notebook 01, drawn from the stage's tables."""
     out = cfg.results_dir(NOTEBOOK)
     info = results["info"]
-    save_figure(plots.routing_ceiling(results["per_layer"], results["lru"], results["reuse"]), out / "base_locality", cfg)
+    save_figure(plots.routing_ceiling(results["per_layer"], results["lru"], results["reuse"],
+                                      runs.real_routing("lru_vs_iid")), out / "base_locality", cfg,
+                measured=claims.REAL_ROUTING_DIR)
     save_figure(plots.pareto(results["means"], results["choice"], info.top_k / info.n_experts), out / "pareto", cfg)
 
 

@@ -23,11 +23,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import evaluate, model, moe, routing
-from ..config import STAGING, StudyConfig
+import pandas as pd
+
+from .. import claims, evaluate, model, moe, routing
+from ..config import ROOT, STAGING, StudyConfig
 from ..provenance import replaced_folder, staged_folder, write_json_atomic
 
 FINETUNE_RUNS = ("base", "lora_control", "cfmoe", "cfmoe_daft")
+
+
+def real_routing(table: str) -> pd.DataFrame | None:
+    """A table of real routing's measurement (`claims.REAL_ROUTING_DIR`: `per_layer`, `lru_vs_iid`, `summary`;
+    scripts/real_routing.py on the released routing), read from this repository whatever the results folder; None
+    in a checkout without it."""
+    path = ROOT / claims.REAL_ROUTING_DIR / f"{table}.csv"
+    return pd.read_csv(path) if path.is_file() else None
 
 
 def one_result_set(notebook: str, compute: Callable, figures: Callable) -> Callable:
