@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-
 import pandas as pd
+import torch
 
 from .. import claims, evaluate, model, moe, routing
 from ..config import ROOT, STAGING, StudyConfig
