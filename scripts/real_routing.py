@@ -4,8 +4,9 @@
     # the MoE-Beyond project's routing CSVs (github.com/ngavhane/moe-beyond: training_data_eamc/ and
     # expert_activation_scripts/training_data_eamc/, one prompt_<n>_data.csv per chat prompt), read as given:
     python scripts/real_routing.py DIR [DIR ...] --source "github:ngavhane/moe-beyond@4dca2ea"
-    #   -> results/00_base_model/real_routing/ (`claims.REAL_ROUTING_DIR`): per_layer.csv, summary.csv and
+    #   -> results/00_base_model/real_routing/ (`claims.REAL_ROUTING_DIR`): per_layer.csv, summary.csv,
     #      lru_vs_iid.csv (a per-layer LRU cache's hit rate by capacity, as notebook 01 measures the base model's)
+    #      and policies.csv (eviction policies on one global cache at notebook 06's shares)
     python scripts/real_routing.py DIR ... --source ... --export artifacts/cpu/paper_scale/deepseek_v2_lite.npz
     #   also a replayable stream for the paper-scale model (scripts/paper_scale.py, grid `real`)
 
@@ -32,7 +33,10 @@ from cfmoe import claims, metrics, routing  # noqa: E402
 from cfmoe.cli import user_errors  # noqa: E402
 from cfmoe.config import load_config  # noqa: E402
 from cfmoe.provenance import save_table  # noqa: E402
-from cfmoe.stages import router_design  # noqa: E402
+from cfmoe import cache  # noqa: E402
+from cfmoe.stages import beyond_cfmoe, router_design  # noqa: E402
+
+POLICIES = ("lru", "lfu", "lfu_aging", "layer_lru", "opt")  # opt: Belady's oracle (knows future routing), a bound
 
 
 def within_requests(lengths) -> np.ndarray:
@@ -65,6 +69,25 @@ def profile(trace: routing.RoutingTrace, lengths) -> tuple[pd.DataFrame, pd.Data
         "worst_layer_max_load_ratio": float(busiest.max()),
     }])
     return per_layer, summary
+
+
+def policies(trace: routing.RoutingTrace) -> pd.DataFrame:
+    """Misses per token and hit rate of each eviction policy (`POLICIES`) on one global cache of notebook 06's shares
+    of all layers' experts (its capacity rule, and its half-life for LFU with aging), the prompts served in order as one
+    stream, the cache carried across them."""
+    keys = cache.access_keys(trace.experts, trace.n_experts)
+    rows = []
+    for share in beyond_cfmoe.SHARES:
+        size = beyond_cfmoe.capacity(share, trace.n_layers, trace.n_experts)
+        for policy in POLICIES:
+            result = cache.simulate_cache(keys, policy, size, n_experts=trace.n_experts,
+                                          halflife=cache.aging_halflife(trace.n_layers, trace.top_k))
+            rows.append({"cache_share": share, "capacity": size, "policy": policy,
+                         "oracle": policy in ("opt", "lopt"), "misses_per_token": result.misses / trace.n_tokens,
+                         "hit_rate": result.hit_rate})
+    table = pd.DataFrame(rows)
+    lru = table[table.policy == "lru"].set_index("cache_share").misses_per_token
+    return table.assign(misses_vs_lru=table.misses_per_token / table.cache_share.map(lru) - 1)
 
 
 def read(folders: list[str]) -> tuple[routing.RoutingTrace, list[int]]:
@@ -125,6 +148,9 @@ def main(argv=None) -> None:
     # one stream, the cache carried from prompt to prompt, as notebook 01 runs the base model's test blocks
     save_table(router_design.routing_ceiling(trace.experts, trace.n_experts)["lru"], out / "lru_vs_iid", cfg,
                **extra, cache="per-layer LRU over the prompts in order, carried across prompts")
+    save_table(policies(trace), out / "policies", cfg, **extra,
+               cache="one global cache over the prompts in order, carried across prompts; opt is an oracle "
+                     "(knows future routing)")
     if args.export:
         print(f"stream: {stream(trace, lengths, args.export_requests, args.export_tokens).save(args.export)}")
     print(summary.T.to_string(header=False))

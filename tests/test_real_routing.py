@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cfmoe import claims, metrics
+from cfmoe import cache, claims, metrics
 from cfmoe.routing import DECODE, PREFILL, read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,15 @@ def test_script_writes_the_profile_and_a_replayable_stream(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(pd.read_csv(tmp_path / "per_layer.csv")) == 2
     assert pd.read_csv(tmp_path / "lru_vs_iid.csv").capacity_per_layer.tolist() == list(range(3, 13))
+    table = pd.read_csv(tmp_path / "policies.csv")
+    assert len(table) == 3 * 5 and table[table.policy == "opt"].oracle.all() and not table[table.policy == "lru"].oracle.any()
+    trace = read_trace(FIXTURE)
+    for row in table.itertuples():  # each row a direct replay through the simulator (an exact cache)
+        result = cache.simulate_cache(cache.access_keys(trace.experts, 12), row.policy, row.capacity, n_experts=12,
+                                      halflife=cache.aging_halflife(2, 3))
+        assert row.misses_per_token == pytest.approx(result.misses / 8)
+    lru = table[table.policy == "lru"].set_index("cache_share").misses_per_token
+    assert np.allclose(table.misses_vs_lru, table.misses_per_token / table.cache_share.map(lru) - 1)
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert summary.requests.tolist() == [2] and summary.tokens.tolist() == [8]
     stream = read_trace(tmp_path / "s.npz")  # prompt_2, the one prompt of at least 4 tokens
@@ -75,6 +84,11 @@ def test_the_quoted_real_routing_figures_are_the_measured_ones():
     assert len(profile) == summary.moe_layers and profile.ecr.max() == pytest.approx(summary.peak_layer_ecr)
     lru = pd.read_csv(ROOT / claims.REAL_ROUTING_DIR / "lru_vs_iid.csv")
     assert (lru.measured_lru_hit_rate > lru.iid_lru_hit_rate).all() and lru.capacity_per_layer.iloc[0] == 6
+    policies = pd.read_csv(ROOT / claims.REAL_ROUTING_DIR / "policies.csv").set_index(["cache_share", "policy"])
+    # Belady's oracle bounds every policy; layer-aware LRU (Least-Stale's reading) is LRU at token granularity
+    for share in (0.125, 0.25, 0.5):
+        assert policies.misses_per_token[share].min() == policies.misses_per_token[share, "opt"]
+        assert policies.misses_per_token[share, "layer_lru"] == policies.misses_per_token[share, "lru"]
 
 
 def test_notebooks_00_and_01_set_the_stand_in_beside_real_routing():
