@@ -90,18 +90,27 @@ def policies(trace: routing.RoutingTrace) -> pd.DataFrame:
     return table.assign(misses_vs_lru=table.misses_per_token / table.cache_share.map(lru) - 1)
 
 
+def requests_of(trace: routing.RoutingTrace) -> list[int]:
+    """Each request's token count: a directory's prompts, an exported stream's [prompt, decode] pairs, or the
+    whole trace as one request (a single CSV, a recorded `.npz` without requests)."""
+    requests = trace.meta.get("requests") or [trace.n_tokens]
+    return [int(sum(r)) if isinstance(r, (list, tuple)) else int(r) for r in requests]
+
+
 def read(folders: list[str]) -> tuple[routing.RoutingTrace, list[int]]:
-    """The folders' prompts as one trace (folder by folder, each in prompt order) and each request's length."""
+    """The sources' requests as one trace (source by source, each in its own order) and each request's length. A
+    source is anything `routing.read_trace` reads: a directory of prompt CSVs, one CSV, or a `.npz` trace (so a
+    model's own recorded routing can be set beside released routing the same way)."""
     traces = [routing.read_trace(folder) for folder in folders]
     n_experts = max(t.n_experts for t in traces)
     if len({(t.n_layers, t.top_k) for t in traces}) != 1:
-        raise ValueError(f"{folders}: the folders differ in MoE layers or top-k: "
+        raise ValueError(f"{folders}: the sources differ in MoE layers or top-k: "
                          f"{[(t.n_layers, t.top_k) for t in traces]}")
     trace = routing.RoutingTrace(np.concatenate([t.experts for t in traces]), None,
                                  np.concatenate([t.phase for t in traces]),
                                  np.concatenate([t.token_ids for t in traces]), n_experts,
                                  {"source": [str(f) for f in folders]})
-    return trace, [n for t in traces for n in t.meta["requests"]]
+    return trace, [n for t in traces for n in requests_of(t)]
 
 
 def stream(trace: routing.RoutingTrace, lengths, requests: int, min_tokens: int) -> routing.RoutingTrace:
@@ -125,7 +134,8 @@ def stream(trace: routing.RoutingTrace, lengths, requests: int, min_tokens: int)
 @user_errors("scripts/real_routing.py")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", help="directories of prompt_<n>_data.csv routing files")
+    parser.add_argument("folders", nargs="+", help="routing sources: directories of prompt_<n>_data.csv files, "
+                                                   "routing CSVs or .npz traces (routing.read_trace)")
     parser.add_argument("--source", required=True, help="where the files come from, recorded in the sidecars")
     parser.add_argument("--model", default="DeepSeek-V2-Lite-Chat")
     parser.add_argument("--out", help="default: claims.REAL_ROUTING_DIR (in this repository)")

@@ -44,6 +44,24 @@ def test_profile_pairs_tokens_within_a_request_only():
         script.within_requests([5, 0])
 
 
+def test_any_trace_reads_as_requests(tmp_path):
+    """A model's own recorded routing (.npz, one CSV, an exported stream) reads with its request boundaries."""
+    script = _script()
+    trace = read_trace(FIXTURE)
+    trace.save(tmp_path / "dir.npz")
+    one = read_trace(FIXTURE / "prompt_2_data.csv")
+    one.save(tmp_path / "one.npz")
+    joined, lengths = script.read([str(tmp_path / "dir.npz"), str(FIXTURE / "prompt_2_data.csv"), str(tmp_path / "one.npz")])
+    assert lengths == [5, 3, 5, 5] and joined.n_tokens == 18
+    stream = script.stream(trace, [5, 3], requests=2, min_tokens=3)
+    assert script.requests_of(stream) == [5, 3]
+    with pytest.raises(ValueError, match=r"the sources differ in MoE layers or top-k"):
+        other = read_trace(FIXTURE)
+        other.experts = other.experts[:, :1]
+        other.save(tmp_path / "narrow.npz")
+        script.read([str(FIXTURE), str(tmp_path / "narrow.npz")])
+
+
 def test_script_writes_the_profile_and_a_replayable_stream(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(FIXTURE), "--source", "fixture", "--out", str(tmp_path),
                            "--export", str(tmp_path / "s.npz"), "--export-requests", "1", "--export-tokens", "4"],
