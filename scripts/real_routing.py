@@ -44,9 +44,8 @@ def within_requests(lengths) -> np.ndarray:
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.ndim != 1 or len(lengths) == 0 or (lengths < 1).any():
         raise ValueError(f"request lengths must be one or more positive token counts, got {lengths.tolist()}")
-    valid = np.ones(int(lengths.sum()) - 1, dtype=bool)
-    valid[np.cumsum(lengths)[:-1] - 1] = False
-    return valid
+    request = np.repeat(np.arange(len(lengths)), lengths)  # each token's request, as document ids mark articles
+    return request[1:] == request[:-1]
 
 
 def profile(trace: routing.RoutingTrace, lengths) -> tuple[pd.DataFrame, pd.DataFrame]:

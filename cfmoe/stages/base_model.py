@@ -59,8 +59,9 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict[str, pd.DataFrame]:
     })
     loads = pd.DataFrame(load, columns=[f"e{i}" for i in range(info.n_experts)]).assign(moe_layer=range(len(load)))
     extra = {"eval_seconds": round(eval_seconds, 1)}
+    real_profile = runs.real_routing("per_layer")
     real = standin_vs_real(per_layer.ecr.to_numpy(), float(summary.test_ecr.iloc[0]), info.top_k / info.n_experts,
-                           runs.real_routing("per_layer"))
+                           real_profile)
     save_table(real, out / "standin_vs_real", cfg, reference=claims.REAL_ROUTING, measured=claims.REAL_ROUTING_DIR)
     save_table(summary, out / "base_model", cfg, **extra)
     save_table(per_layer, out / "expert_load_per_layer", cfg)
@@ -68,7 +69,7 @@ def _compute(cfg: StudyConfig, force: bool = False) -> dict[str, pd.DataFrame]:
     if not log.empty:
         save_table(log, out / "training_log", cfg)
     return {"summary": summary, "per_layer": per_layer, "load": load, "training_log": log, "info": info,
-            "standin_vs_real": real}
+            "standin_vs_real": real, "real_profile": real_profile}
 
 
 def last_tenth_gain(log: pd.DataFrame) -> float:
@@ -109,8 +110,8 @@ def figures(cfg: StudyConfig, results: dict) -> None:
     if not results["training_log"].empty:
         save_figure(plots.training_curve(results["training_log"], results["info"].top_k), out / "training_curve", cfg)
     save_figure(plots.expert_load(results["load"], results["info"].top_k), out / "expert_load", cfg)
-    save_figure(plots.standin_profile(results["per_layer"], runs.real_routing("per_layer")), out / "standin_profile",
-                cfg, measured=claims.REAL_ROUTING_DIR)
+    save_figure(plots.standin_profile(results["per_layer"], results["real_profile"]), out / "standin_profile", cfg,
+                measured=claims.REAL_ROUTING_DIR)
 
 
 compute = runs.one_result_set(NOTEBOOK, _compute, figures)

@@ -301,7 +301,8 @@ def light_weight(cfg: StudyConfig, choice: dict) -> dict:
     """CFMoE's loss weight for the light stack: notebook 01's rule (its chosen loss; validation ECR at matched
     validation perplexity over the control, interpolated in log(weight)) at LIGHT_BUDGET_SHARE of the goal's
     perplexity budget, from notebook 01's sweep; where that loss does not cross the budget, its highest-ECR weight
-    within it, else its smallest weight. A preset that runs no sweep of its own (the gpu preset, whose loss and
+    within it, else its run of the smallest perplexity increase (`router_design.choose_locality_loss` on that
+    loss alone). A preset that runs no sweep of its own (the gpu preset, whose loss and
     weight are the cpu choice's: `finetune.locality_*`) takes the cpu preset's sweep, as its weight did."""
     path = cfg.results_dir(router_design.NOTEBOOK) / "pareto.csv"
     if not path.is_file() and choice.get("run") == "preset default":
@@ -310,17 +311,18 @@ def light_weight(cfg: StudyConfig, choice: dict) -> dict:
         raise ValueError(f"{path} is missing: run notebook 01 first (python -m cfmoe.stages router_design)")
     budget = LIGHT_BUDGET_SHARE * claims.STACK_PPL_COST.bound
     sweep = pd.read_csv(path)
-    matched = router_design.match_at_budget(sweep, budget).set_index("kind")
-    if choice["kind"] not in matched.index:
-        raise ValueError(f"notebook 01's sweep has no loss {choice['kind']!r}; it has {sorted(matched.index)}")
-    row = matched.loc[choice["kind"]]
-    if row.status == "bracketed":
-        weight, how = row.weight_at_budget, f"interpolated between {row.weight_low:g} and {row.weight_high:g}"
-    elif pd.notna(row.best_within_weight):
-        weight, how = row.best_within_weight, "the highest validation ECR within the budget (no crossing)"
+    kinds = sorted(set(sweep.kind) - {"none"})
+    if choice["kind"] not in kinds:
+        raise ValueError(f"notebook 01's sweep has no loss {choice['kind']!r}; it has {kinds}")
+    # notebook 01's own rule, on the chosen loss alone (with the control its perplexity is measured against)
+    light = router_design.choose_locality_loss(sweep[(sweep.kind == choice["kind"]) | (sweep.run == "control")], budget)
+    if light["interpolated"]:
+        how = f"interpolated between {light['bracket']['weight_low']:g} and {light['bracket']['weight_high']:g}"
+    elif light["within_budget"]:
+        how = "the highest validation ECR within the budget (no crossing)"
     else:
-        weight, how = float(sweep[sweep.kind == choice["kind"]].weight.min()), "every weight over budget: the smallest"
-    return {"kind": choice["kind"], "weight": float(f"{weight:.4g}"), "ppl_budget": budget, "how": how,
+        how = "every weight over budget: the smallest perplexity increase"
+    return {"kind": choice["kind"], "weight": float(f"{light['weight']:.4g}"), "ppl_budget": budget, "how": how,
             "selected_on": "validation (notebook 01's sweep)", "sweep": str(path.relative_to(results_root()))}
 
 
